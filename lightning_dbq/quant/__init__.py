@@ -1,0 +1,41 @@
+"""Pure-torch quantization core: Double Rounding math, quantizer modules, model preparation, int artifacts.
+
+Nothing here imports lightning, hydra or omegaconf.
+"""
+
+from lightning_dbq.quant.artifact import load_int, read_manifest, save_int
+from lightning_dbq.quant.factory import create_fp_model, create_model
+from lightning_dbq.quant.norm import PerBitNorm
+from lightning_dbq.quant.prepare import (
+    LayerInfo,
+    bit_config,
+    first_last_layers,
+    get_spec,
+    prepare,
+    quant_enabled,
+    quantized_layers,
+    set_bits,
+)
+from lightning_dbq.quant.quantizers import ActQuantizer, WeightQuantizer
+from lightning_dbq.quant.spec import QuantSpec, validate_bits
+
+__all__ = [
+    "ActQuantizer",
+    "LayerInfo",
+    "PerBitNorm",
+    "QuantSpec",
+    "WeightQuantizer",
+    "bit_config",
+    "create_fp_model",
+    "create_model",
+    "first_last_layers",
+    "get_spec",
+    "load_int",
+    "prepare",
+    "quant_enabled",
+    "quantized_layers",
+    "read_manifest",
+    "save_int",
+    "set_bits",
+    "validate_bits",
+]

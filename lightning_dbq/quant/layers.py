@@ -1,0 +1,137 @@
+"""Bit-switchable layers made from existing Conv/Linear modules by a class swap.
+
+``make_quant_layer(module, ...)`` changes the class of an existing module in place to a cached subclass of its
+own class (``DBQConv2d`` for ``nn.Conv2d``, ``DBQStdConv2d`` for timm's ``StdConv2d``, ...). Parameters, names and
+state_dict keys of the original are kept (``conv1.weight`` stays ``conv1.weight``), two submodules are added
+(``weight_quant``, ``act_quant``), and the original class's ``forward`` still runs: plain ``nn.Conv*d``/``nn.Linear``
+take a fast path with the quantized weight; any other allowed subclass (StdConv2d, Conv2dSame, timm Linear, ...)
+runs its own ``forward`` while ``self.weight`` reads the quantized weight. The classes pickle and deep-copy
+(needed by ``ddp_spawn`` and ``copy.deepcopy``), unlike ``torch.nn.utils.parametrize``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_dbq.quant.quantizers import ActQuantizer, WeightQuantizer
+
+__all__ = ["DBQLayer", "is_quant_layer", "make_quant_layer", "quantizable_base"]
+
+_FAST_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CLASS_CACHE: dict[type, type] = {}
+
+
+def _allowed_types() -> tuple[type, ...]:
+    allowed: list[type] = [nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear]
+    try:  # timm subclasses whose own forward reads ``self.weight`` (checked by tests on real timm models)
+        from timm.layers import (
+            Conv2dSame,
+            Linear,
+            ScaledStdConv2d,
+            ScaledStdConv2dSame,
+            StdConv2d,
+            StdConv2dSame,
+        )
+
+        allowed += [Conv2dSame, Linear, StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame]
+    except ImportError:  # pragma: no cover - timm is a dependency, but quant/ works without it
+        pass
+    return tuple(allowed)
+
+
+def quantizable_base(module: nn.Module) -> str | None:
+    """``"fast"`` / ``"swap"`` when ``module`` can be made bit-switchable, ``None`` when it cannot.
+
+    Exact ``nn.Conv{1,2,3}d``/``nn.Linear`` take the fast path; known timm subclasses run their own forward.
+    Unknown subclasses (e.g. ``NonDynamicallyQuantizableLinear`` inside ``nn.MultiheadAttention``, whose weight is
+    read by the parent, not by its own forward) are not quantized.
+    """
+    t = type(module)
+    if t in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
+        return "fast"
+    if t in _allowed_types():
+        return "swap"
+    return None
+
+
+class DBQLayer:
+    """Mixin for bit-switchable layers (see module docstring). Never instantiated directly."""
+
+    weight: nn.Parameter
+    bias: Tensor | None
+    weight_quant: WeightQuantizer
+    act_quant: ActQuantizer | None
+    _dbq_base: type[nn.Module]
+    _dbq_fast: bool
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Quantize the input (if enabled), then run the original forward with the quantized weight."""
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        w = self.weight_quant(self.weight)
+        if self._dbq_fast:
+            if isinstance(self, _FAST_CONV):
+                return self._conv_forward(x, w, self.bias)
+            return F.linear(x, w, self.bias)
+        # Shadow the Parameter with the quantized tensor for the duration of the original forward: instance
+        # __dict__ wins over nn.Module.__getattr__, and _parameters (order, keys) is never touched.
+        self.__dict__["weight"] = w
+        try:
+            return self._dbq_base.forward(self, x)  # type: ignore[arg-type,no-any-return]
+        finally:
+            del self.__dict__["weight"]
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        state = self.__dict__.copy()
+        state.pop("weight", None)
+        return (_rebuild, (self._dbq_base,), state)
+
+
+def _quant_class(base: type) -> type:
+    cls = _CLASS_CACHE.get(base)
+    if cls is None:
+        cls = type(f"DBQ{base.__name__}", (DBQLayer, base), {"__module__": __name__})
+        _CLASS_CACHE[base] = cls
+    return cls
+
+
+def _rebuild(base: type[nn.Module]) -> nn.Module:
+    obj = base.__new__(base)
+    obj.__class__ = _quant_class(base)
+    return obj
+
+
+def is_quant_layer(module: nn.Module) -> bool:
+    """True for modules made bit-switchable by :func:`make_quant_layer`."""
+    return isinstance(module, DBQLayer)
+
+
+def make_quant_layer(
+    module: nn.Module, bits: Sequence[int], per_channel: bool = False, quantize_input: bool = True
+) -> nn.Module:
+    """Turn ``module`` into a bit-switchable layer in place and return it.
+
+    Args:
+        module: a Conv/Linear module accepted by :func:`quantizable_base`.
+        bits: candidate bits (already validated).
+        per_channel: per-output-channel weight scales.
+        quantize_input: add a per-bit activation quantizer on the layer's input.
+
+    Raises:
+        TypeError: when the module type is not supported.
+    """
+    kind = quantizable_base(module)
+    if kind is None:
+        raise TypeError(f"cannot quantize module of type {type(module).__name__}; supported: {_allowed_types()}")
+    base = type(module)
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    module.weight_quant = WeightQuantizer(weight, bits, per_channel=per_channel)
+    module.add_module("act_quant", ActQuantizer(bits) if quantize_input else None)
+    module.__class__ = _quant_class(base)
+    object.__setattr__(module, "_dbq_base", base)
+    object.__setattr__(module, "_dbq_fast", kind == "fast")
+    return module

@@ -1,0 +1,150 @@
+"""Weight and activation quantizer modules (thin shells around :mod:`lightning_dbq.quant.functional`).
+
+* :class:`WeightQuantizer` — Double Rounding: ONE learned scale ``s_h`` per layer (per-tensor by default,
+  per-output-channel as an option) shared by every candidate bit; only the ``h``-bit codes are ever stored.
+* :class:`ActQuantizer` — LSQ with one learned scale per candidate bit (activations are not stored, so nothing
+  forces them to share a scale); unsigned after non-negative inputs, signed otherwise; initialised from the first
+  batch it sees (averaged over ranks under ``torch.distributed``).
+
+Scales are positive by construction: the module stores a raw parameter ``p`` and uses ``|p| + eps``, so no
+optimizer step, however large, can make a scale zero or negative, while for ``p > 0`` the parameter *is* the scale
+(plain LSQ dynamics, which ALRS learning rates are tuned for).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_dbq.quant.functional import (
+    double_round_codes,
+    double_round_fake,
+    lsq_fake,
+    lsq_grad_scale,
+    qrange,
+)
+
+__all__ = ["SCALE_EPS", "ActQuantizer", "WeightQuantizer"]
+
+SCALE_EPS = 1e-8
+
+
+def _positive(p: Tensor) -> Tensor:
+    return p.abs() + SCALE_EPS
+
+
+class WeightQuantizer(nn.Module):
+    """Double Rounding weight quantizer with one shared learned scale.
+
+    .. math:: \\hat W_l = \\mathrm{clamp}(\\lfloor q_h / 2^k + 1/2 \\rfloor) \\cdot 2^k \\cdot s_h
+
+    The scale is initialised for the *lowest* candidate bit so low bits are not all zeros (DESIGN.md 2):
+    ``s_h = 2·mean|W| / sqrt(Q_P(l_min)) / 2^(h − l_min)``. The LSQ gradient scale uses ``N`` = number of weights
+    sharing one scale and ``Q_P(h)``.
+
+    Args:
+        weight: the layer's weight, used for the initial scale and the shape of a per-channel scale.
+        bits: candidate bits (validated by the caller), any order.
+        per_channel: one scale per output channel (dim 0) instead of one per tensor.
+    """
+
+    def __init__(self, weight: Tensor, bits: Sequence[int], per_channel: bool = False) -> None:
+        super().__init__()
+        self.bits: tuple[int, ...] = tuple(sorted(bits, reverse=True))
+        self.high_bits: int = self.bits[0]
+        self.active_bits: int = self.high_bits
+        self.enabled: bool = True
+        self.per_channel = per_channel
+        self.scale = nn.Parameter(self._init_scale(weight.detach()))
+
+    def _init_scale(self, w: Tensor) -> Tensor:
+        low = self.bits[-1]
+        _, q_p_low = qrange(low, signed=True)
+        if self.per_channel:
+            mean_abs = w.abs().float().reshape(w.shape[0], -1).mean(dim=1)
+            mean_abs = mean_abs.reshape((w.shape[0],) + (1,) * (w.dim() - 1))
+        else:
+            mean_abs = w.abs().float().mean()
+        s = 2.0 * mean_abs / math.sqrt(q_p_low) / float(1 << (self.high_bits - low))
+        return s.clamp_min(1e-6)
+
+    def effective_scale(self) -> Tensor:
+        """The positive scale ``|p| + eps`` actually used."""
+        return _positive(self.scale)
+
+    def forward(self, w: Tensor) -> Tensor:
+        """Fake-quantize ``w`` at :attr:`active_bits` (identity when disabled)."""
+        if not self.enabled:
+            return w
+        n = w.numel() // self.scale.numel()
+        g = lsq_grad_scale(n, qrange(self.high_bits, signed=True)[1])
+        return double_round_fake(w, self.effective_scale(), self.high_bits, self.active_bits, g)
+
+    def codes(self, w: Tensor) -> Tensor:
+        """The stored ``h``-bit integer codes of ``w`` as int8."""
+        q_h, _ = double_round_codes(w, self.effective_scale().detach(), self.high_bits, self.high_bits)
+        return q_h.to(torch.int8)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, active_bits={self.active_bits}, per_channel={self.per_channel}"
+
+
+class ActQuantizer(nn.Module):
+    """LSQ activation quantizer with one learned scale per candidate bit.
+
+    Initialised lazily from the first batch: the sign (unsigned iff the batch is non-negative) and
+    ``s_b = 2·mean|x| / sqrt(Q_P(b))`` for every ``b``. The LSQ gradient scale is ``1/sqrt(N·Q_P(b))`` with ``N`` the
+    number of elements *per sample* (``x[0].numel()``).
+
+    Args:
+        bits: candidate bits, any order.
+    """
+
+    initialized: Tensor
+    signed: Tensor
+
+    def __init__(self, bits: Sequence[int]) -> None:
+        super().__init__()
+        self.bits: tuple[int, ...] = tuple(sorted(bits, reverse=True))
+        self.active_bits: int = self.bits[0]
+        self.enabled: bool = True
+        # One Parameter per bit so that optimizers (momentum, Adam state) never move another bit's scale.
+        self.scales = nn.ParameterDict({str(b): nn.Parameter(torch.ones(())) for b in self.bits})
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("signed", torch.tensor(False))
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Set the sign and every per-bit scale from a batch (averaged across ranks when distributed)."""
+        stats = torch.stack([x.detach().float().abs().mean(), -x.detach().float().min()])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            mean_abs = stats[:1].clone()
+            dist.all_reduce(mean_abs, op=dist.ReduceOp.SUM)
+            neg = stats[1:].clone()
+            dist.all_reduce(neg, op=dist.ReduceOp.MAX)
+            stats = torch.cat([mean_abs / dist.get_world_size(), neg])
+        mean_abs_f, neg_min = float(stats[0]), float(stats[1])
+        signed = neg_min > 0.0
+        self.signed.fill_(signed)
+        for b in self.bits:
+            q_p = qrange(b, signed)[1]
+            self.scales[str(b)].data.fill_(max(2.0 * mean_abs_f / math.sqrt(q_p), 1e-6))
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Fake-quantize ``x`` at :attr:`active_bits` (identity when disabled)."""
+        if not self.enabled:
+            return x
+        if not bool(self.initialized):
+            self.initialize(x)
+        b = self.active_bits
+        signed = bool(self.signed)
+        g = lsq_grad_scale(max(x[0].numel(), 1), qrange(b, signed)[1])
+        return lsq_fake(x, _positive(self.scales[str(b)]), b, signed, g)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, active_bits={self.active_bits}"

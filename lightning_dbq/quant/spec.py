@@ -1,0 +1,97 @@
+"""QuantSpec: the validated, serialisable description of how a model was prepared."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lightning_dbq.quant.functional import MAX_BITS, MIN_BITS
+
+__all__ = ["QuantSpec", "validate_bits"]
+
+
+def validate_bits(bits: Any, name: str = "bits") -> tuple[int, ...]:
+    """Validate a candidate bit list and return it sorted descending.
+
+    Raises:
+        ValueError: empty, duplicates, or a value outside ``[2, 8]``.
+        TypeError: not a sequence of integers (``bool`` and ``float`` are rejected).
+
+    Example:
+        >>> validate_bits([4, 8, 2, 6])
+        (8, 6, 4, 2)
+    """
+    if isinstance(bits, (str, bytes)) or not isinstance(bits, Iterable):
+        raise TypeError(f"`{name}` must be a list of integers in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    values = list(bits)
+    if not values:
+        raise ValueError(
+            f"`{name}` must not be empty; give candidate bits in [{MIN_BITS}, {MAX_BITS}], e.g. [8, 6, 4, 2]"
+        )
+    for b in values:
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral):
+            raise TypeError(f"`{name}` must contain integers, got {b!r} ({type(b).__name__}) in {values!r}")
+        if not (MIN_BITS <= int(b) <= MAX_BITS):
+            raise ValueError(f"`{name}` values must be in [{MIN_BITS}, {MAX_BITS}], got {int(b)} in {values!r}")
+    ints = [int(b) for b in values]
+    dups = sorted({b for b in ints if ints.count(b) > 1})
+    if dups:
+        raise ValueError(f"`{name}` must not contain duplicates, got {dups} repeated in {ints!r}")
+    return tuple(sorted(ints, reverse=True))
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How :func:`lightning_dbq.prepare` converts a model; stored in checkpoints and int artifacts.
+
+    Attributes:
+        bits: candidate bits, descending (the first is the stored precision ``h``).
+        per_channel: per-output-channel weight scales.
+        quantize_first: also quantize the first layer (timm ``pretrained_cfg['first_conv']``).
+        quantize_last: also quantize the classifier (timm ``pretrained_cfg['classifier']``).
+        quantize_acts: quantize each quantized layer's input with per-bit LSQ scales.
+        per_bit_norm: one BatchNorm copy per bit after quantized layers.
+        skip: fnmatch patterns of layer names to keep in floating point.
+    """
+
+    bits: tuple[int, ...] = (8, 6, 4, 2)
+    per_channel: bool = False
+    quantize_first: bool = False
+    quantize_last: bool = False
+    quantize_acts: bool = True
+    per_bit_norm: bool = True
+    skip: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bits", validate_bits(self.bits))
+        if isinstance(self.skip, str):
+            raise TypeError(f"`skip` must be a list of name patterns, got the string {self.skip!r}")
+        object.__setattr__(self, "skip", tuple(str(s) for s in self.skip))
+
+    @property
+    def high_bits(self) -> int:
+        """The stored precision ``h = max(bits)``."""
+        return self.bits[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python dict (JSON and ``weights_only`` checkpoint safe)."""
+        d = asdict(self)
+        d["bits"] = list(self.bits)
+        d["skip"] = list(self.skip)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> QuantSpec:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
+        allowed = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - allowed)
+        if unknown:
+            raise ValueError(f"unknown QuantSpec field(s) {unknown}; allowed: {sorted(allowed)}")
+        kw = dict(d)
+        if "bits" in kw:
+            kw["bits"] = tuple(validate_bits(kw["bits"]))
+        if "skip" in kw:
+            kw["skip"] = tuple(kw["skip"])
+        return cls(**kw)

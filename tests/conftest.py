@@ -1,0 +1,30 @@
+"""Shared pytest setup: hypothesis profile, thread count, and a `report` fixture whose lines are printed in the
+terminal summary (so measured figures such as artifact size ratios appear in `make test` output)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+settings.register_profile("dbq", deadline=None, derandomize=True, max_examples=60)
+settings.load_profile("dbq")
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+_REPORT: list[str] = []
+
+
+@pytest.fixture
+def report():
+    """Call ``report("text")`` to have a line printed in the pytest terminal summary."""
+    return _REPORT.append
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG001
+    if _REPORT:
+        terminalreporter.section("lightning_dbq measured figures")
+        for line in _REPORT:
+            terminalreporter.write_line(line)
