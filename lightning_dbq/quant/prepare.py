@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_dbq.quant.layers import DBQLayer, is_quant_layer, make_quant_layer, quantizable_base
 from lightning_dbq.quant.norm import PerBitNorm
-from lightning_dbq.quant.spec import QuantSpec
+from lightning_dbq.quant.spec import QuantSpec, validate_bits
 
 __all__ = [
     "LayerInfo",
@@ -137,7 +137,7 @@ def prepare(
             to quantize.
     """
     spec = QuantSpec(
-        bits=tuple(bits),
+        bits=validate_bits(bits),
         per_channel=per_channel,
         quantize_first=quantize_first,
         quantize_last=quantize_last,
