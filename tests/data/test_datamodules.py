@@ -6,6 +6,7 @@ import pickle
 from collections import Counter
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -139,7 +140,8 @@ def test_digits_calibration_fixed_and_unaugmented() -> None:
     assert set(idx) <= set(dm.split_indices().train)
     assert Counter(torch.cat([y for _, y in batches]).tolist()) == dict.fromkeys(range(10), 10)
     dm.setup()
-    reference = torch.stack([dm.val_set.transform(dm._images[i]) for i in idx[:32]])  # type: ignore[union-attr]
+    images = dm._load()[0]
+    reference = torch.stack([dm.val_set.transform(images[i]) for i in idx[:32]])  # type: ignore[union-attr]
     assert torch.equal(batches[0][0], reference)
     shifted = torch.stack([dm.train_set[0][0] for _ in range(20)])  # type: ignore[index]
     assert not all(torch.equal(s, shifted[0]) for s in shifted)  # augmentation is active on train
@@ -348,3 +350,46 @@ def test_cifar10_split_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert torch.equal(calib[0][0], dm.calibration_batches(num_images=20, batch_size=20)[0][0])
     on_val = CIFAR10DataModule(str(tmp_path), val_per_class=5, official_test=False)
     assert torch.equal(torch.cat([y for _, y in on_val.test_dataloader()]), torch.tensor(split.val) % 10)
+
+
+# ---------------------------------------------------------------- Lightning
+
+
+class _TinyClassifier(pl.LightningModule):
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_features, num_classes))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self.net(x), y))
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_trainer_fit_and_test_with_datamodule(tmp_path: Path) -> None:
+    dm = SyntheticDataModule(num_samples=64, num_classes=4, image_size=8, batch_size=16)
+    model = _TinyClassifier(dm.in_chans * dm.image_size**2, dm.num_classes)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 2
+    assert trainer.test(model, datamodule=dm, verbose=False)[0]["val_loss"] > 0
+    assert dm.hparams["num_samples"] == 64

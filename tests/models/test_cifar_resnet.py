@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any, cast
 
 import pytest
 import timm
@@ -13,6 +14,10 @@ import lightning_dbq.models
 from lightning_dbq.models import CifarResNet, cifar_resnet20, cifar_resnet56
 
 NAMES = ["cifar_resnet20", "cifar_resnet32", "cifar_resnet56"]
+
+
+def _create(name: str, **kwargs: Any) -> CifarResNet:
+    return cast(CifarResNet, timm.create_model(name, **kwargs))
 
 
 def test_registered_with_timm() -> None:
@@ -33,7 +38,7 @@ def test_param_count(name: str, approx_millions: float, exact: int) -> None:
 
 @pytest.mark.parametrize(("in_chans", "num_classes", "size"), [(3, 10, 32), (1, 100, 32), (3, 7, 16)])
 def test_forward_shape(in_chans: int, num_classes: int, size: int) -> None:
-    model = timm.create_model("cifar_resnet20", num_classes=num_classes, in_chans=in_chans).eval()
+    model = _create("cifar_resnet20", num_classes=num_classes, in_chans=in_chans).eval()
     x = torch.randn(2, in_chans, size, size)
     assert model(x).shape == (2, num_classes)
     feats = model.forward_features(x)
@@ -44,7 +49,7 @@ def test_forward_shape(in_chans: int, num_classes: int, size: int) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_pretrained_cfg_names_resolve(name: str) -> None:
-    model = timm.create_model(name, num_classes=5, in_chans=1)
+    model = _create(name, num_classes=5, in_chans=1)
     cfg = model.pretrained_cfg
     assert cfg["architecture"] == name
     assert model.default_cfg is cfg
@@ -83,6 +88,8 @@ def test_bad_args(kwargs: dict[str, object], match: str) -> None:
 
 def test_depth_gives_blocks_per_stage() -> None:
     model = CifarResNet(depth=32)
+    assert model.pretrained_cfg["architecture"] == "cifar_resnet32"  # cfg also without the timm factory
+    assert model.pretrained_cfg["first_conv"] == "conv1"
     assert [len(stage) for stage in (model.layer1, model.layer2, model.layer3)] == [5, 5, 5]
     strides = [model.layer1[0].conv1.stride, model.layer2[0].conv1.stride, model.layer3[0].conv1.stride]
     assert strides == [(1, 1), (2, 2), (2, 2)]
@@ -122,7 +129,7 @@ def test_kaiming_init() -> None:
     assert torch.all(model.bn1.weight == 1)
     assert torch.all(model.bn1.bias == 0)
     zero_init = CifarResNet(depth=20, zero_init_last=True)
-    assert torch.all(zero_init.layer1[0].bn2.weight == 0)
+    assert torch.all(zero_init.get_parameter("layer1.0.bn2.weight") == 0)
 
 
 def test_reset_classifier() -> None:

@@ -1,0 +1,390 @@
+"""Shared pieces of the data modules: seeded stratified splits, tensor transforms and the base DataModule.
+
+Every split is computed with a CPU ``torch.Generator`` seeded from ``seed`` only, so it is identical on every call,
+process, DDP rank and machine (given the same files). Index lists always refer to positions in the underlying
+dataset (for ImageFolder: ``ImageFolder(root).samples``, which is sorted by class folder, then file name).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "SplitIndices", "balanced_subset", "stratified_split"]
+
+CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+
+# Offsets that derive independent generator streams from the one user-facing seed.
+_SPLIT_STREAM, _SUBSET_STREAM, _CALIB_STREAM, _SHUFFLE_STREAM = 0, 1, 2, 3
+
+Batch = tuple[Tensor, Tensor]
+
+
+class SplitIndices(NamedTuple):
+    """Sorted train / validation indices into the underlying dataset."""
+
+    train: list[int]
+    val: list[int]
+
+
+def _generator(seed: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + stream)
+
+
+class EpochRandomSampler(RandomSampler):
+    """Shuffles with a generator seeded by ``(seed, epoch)``; Lightning calls :meth:`set_epoch` every epoch.
+
+    Unlike a DataLoader ``generator`` (whose state is lost when a run resumes from a checkpoint), the order of
+    epoch ``e`` is a pure function of ``(seed, e)``, so a resumed run sees exactly the batches an uninterrupted run
+    would. Being a ``RandomSampler``, Lightning swaps it for a ``DistributedSampler`` (seeded, per-epoch) under DDP.
+    """
+
+    def __init__(self, data_source: Any, seed: int) -> None:
+        super().__init__(data_source)  # type: ignore[arg-type]
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + _SHUFFLE_STREAM) * 100_003 + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=gen).tolist()
+
+
+def _per_class(targets: Sequence[int], indices: Sequence[int] | None = None) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for idx in range(len(targets)) if indices is None else indices:
+        groups.setdefault(int(targets[idx]), []).append(int(idx))
+    return dict(sorted(groups.items()))
+
+
+def stratified_split(
+    targets: Sequence[int],
+    *,
+    seed: int,
+    val_fraction: float = 0.1,
+    val_per_class: int | None = None,
+) -> SplitIndices:
+    """Split indices into train / val with a seeded permutation per class.
+
+    Args:
+        targets: Class index of every sample.
+        seed: Seed of the permutation; the same seed always gives the same split.
+        val_fraction: Fraction of each class held out (rounded, at least 1 sample per class).
+        val_per_class: Exact number held out per class; takes precedence over ``val_fraction``.
+
+    Returns:
+        The sorted train and val indices (disjoint, covering every index).
+
+    Raises:
+        ValueError: If a class is too small to keep at least one training sample.
+
+    Example:
+        >>> split = stratified_split([0, 0, 0, 0, 1, 1, 1, 1], seed=0, val_per_class=1)
+        >>> len(split.train), len(split.val)
+        (6, 2)
+    """
+    gen = _generator(seed, _SPLIT_STREAM)
+    train: list[int] = []
+    val: list[int] = []
+    for label, members in _per_class(targets).items():
+        if val_per_class is not None:
+            n_val, arg = val_per_class, f"val_per_class={val_per_class}"
+        else:
+            n_val, arg = max(1, round(len(members) * val_fraction)), f"val_fraction={val_fraction}"
+        if n_val >= len(members):
+            raise ValueError(
+                f"{arg} leaves no training sample for class {label} ({len(members)} samples); lower it or add data"
+            )
+        order = torch.randperm(len(members), generator=gen).tolist()
+        val.extend(members[i] for i in order[:n_val])
+        train.extend(members[i] for i in order[n_val:])
+    return SplitIndices(sorted(train), sorted(val))
+
+
+def balanced_subset(indices: Sequence[int], targets: Sequence[int], num: int, *, seed: int) -> list[int]:
+    """Pick ``num`` of ``indices`` spread evenly over classes (seeded, deterministic).
+
+    Each class's members are permuted with a seeded generator and the classes are visited round-robin, so class
+    counts differ by at most one (unless a class runs out). The result keeps that round-robin order, so any prefix
+    is balanced too.
+
+    Args:
+        indices: Candidate indices into ``targets``.
+        targets: Class index of every sample of the underlying dataset.
+        num: How many to pick; clamped to ``len(indices)``.
+        seed: Seed of the per-class permutations.
+
+    Returns:
+        The chosen indices.
+    """
+    return _balanced(indices, targets, num, _generator(seed, _SUBSET_STREAM))
+
+
+def _balanced(indices: Sequence[int], targets: Sequence[int], num: int, gen: torch.Generator) -> list[int]:
+    queues = []
+    for members in _per_class(targets, indices).values():
+        order = torch.randperm(len(members), generator=gen).tolist()
+        queues.append([members[i] for i in order])
+    chosen: list[int] = []
+    depth = 0
+    num = min(num, len(indices))
+    while len(chosen) < num:
+        for queue in queues:
+            if depth < len(queue) and len(chosen) < num:
+                chosen.append(queue[depth])
+        depth += 1
+    return chosen
+
+
+def resize_center_crop(images: Tensor, size: int) -> Tensor:
+    """Resize the shorter side to ``size`` (bilinear, antialiased) and center-crop a square; no-op if equal."""
+    height, width = images.shape[-2:]
+    if height == size and width == size:
+        return images
+    scale = size / min(height, width)
+    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+    is_uint8 = images.dtype == torch.uint8
+    batch = images.float() if images.dim() == 4 else images.float().unsqueeze(0)
+    batch = F.interpolate(batch, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    batch = batch[..., top : top + size, left : left + size]
+    if images.dim() == 3:
+        batch = batch.squeeze(0)
+    return batch.round().clamp(0, 255).to(torch.uint8) if is_uint8 else batch
+
+
+class ImageTransform:
+    """CHW image tensor → normalised float tensor, with optional pad-and-random-crop and horizontal flip.
+
+    A ``uint8`` input is scaled to [0, 1] first; padding uses 0 (black) before normalisation, as torchvision's
+    ``RandomCrop(padding=p)`` followed by ``ToTensor`` + ``Normalize`` does. Randomness comes from torch's global
+    RNG (seeded per DataLoader worker by torch, and by ``seed_everything``).
+
+    Args:
+        mean: Per-channel mean (length ``C`` or 1).
+        std: Per-channel std (length ``C`` or 1).
+        size: If given, resize + center-crop to this square size first.
+        crop_padding: Zero padding of the random crop; 0 disables the crop.
+        flip: Random horizontal flip with probability 0.5.
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        size: int | None = None,
+        crop_padding: int = 0,
+        flip: bool = False,
+    ) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.size = size
+        self.crop_padding = crop_padding
+        self.flip = flip
+
+    def __call__(self, image: Tensor) -> Tensor:
+        """Transform one ``(C, H, W)`` image."""
+        if self.size is not None:
+            image = resize_center_crop(image, self.size)
+        image = image.float().div(255.0) if image.dtype == torch.uint8 else image.float()
+        if self.crop_padding > 0:
+            pad = self.crop_padding
+            height, width = image.shape[-2:]
+            padded = F.pad(image, (pad, pad, pad, pad))
+            top, left = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+            image = padded[:, top : top + height, left : left + width]
+        if self.flip and bool(torch.rand(()) < 0.5):
+            image = image.flip(-1)
+        return (image - self.mean) / self.std
+
+
+class TensorImageDataset(Dataset[Batch]):
+    """Samples ``indices`` of an in-memory ``(N, C, H, W)`` image tensor, applying ``transform`` per image."""
+
+    def __init__(
+        self,
+        images: Tensor,
+        targets: Tensor,
+        indices: Sequence[int],
+        transform: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        self.images = images
+        self.targets = targets
+        self.indices = list(indices)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Batch:
+        idx = self.indices[i]
+        image = self.images[idx]
+        return (self.transform(image) if self.transform is not None else image), self.targets[idx]
+
+
+def check_int(name: str, value: int, minimum: int) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an int ≥ ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_fraction(name: str, value: float) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``0 < value < 1``."""
+    if not 0.0 < float(value) < 1.0:
+        raise ValueError(f"{name} must be in (0, 1), got {value}")
+
+
+class SplitDataModule(pl.LightningDataModule):
+    """Base class: seeded stratified train/val split, loaders and calibration batches.
+
+    Subclasses set ``num_classes``, ``in_chans`` and ``image_size`` in ``__init__`` and implement ``_targets``
+    (labels of the train pool, loading whatever is needed) and ``_dataset``.
+
+    Args:
+        batch_size: Batch size of every loader.
+        num_workers: DataLoader worker processes.
+        seed: Seed of the split, the train subset, the calibration subset and the train shuffling.
+        pin_memory: DataLoader ``pin_memory``.
+        drop_last: Drop the last incomplete training batch (avoids BatchNorm on a batch of 1).
+        val_fraction: Fraction of each class held out for validation.
+        val_per_class: Exact number of images per class held out; takes precedence over ``val_fraction``.
+        train_subset: Keep only this many training images (per-class balanced, seeded); ``None`` keeps all.
+    """
+
+    num_classes: int
+    in_chans: int
+    image_size: int
+
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        num_workers: int,
+        seed: int,
+        pin_memory: bool,
+        drop_last: bool,
+        val_fraction: float,
+        val_per_class: int | None,
+        train_subset: int | None,
+    ) -> None:
+        super().__init__()
+        check_int("batch_size", batch_size, 1)
+        check_int("num_workers", num_workers, 0)
+        check_int("seed", seed, 0)
+        check_fraction("val_fraction", val_fraction)
+        if val_per_class is not None:
+            check_int("val_per_class", val_per_class, 1)
+        if train_subset is not None:
+            check_int("train_subset", train_subset, 1)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.pin_memory = pin_memory
+        self.drop_last = drop_last
+        self.val_fraction = val_fraction
+        self.val_per_class = val_per_class
+        self.train_subset = train_subset
+        self._split: SplitIndices | None = None
+        self.train_set: Dataset[Batch] | None = None
+        self.val_set: Dataset[Batch] | None = None
+        self.test_set: Dataset[Batch] | None = None
+
+    @abstractmethod
+    def _targets(self) -> Sequence[int]:
+        """Labels of every sample of the train pool (loads or scans the data on first use)."""
+
+    @abstractmethod
+    def _dataset(self, indices: Sequence[int], *, train: bool) -> Dataset[Batch]:
+        """Dataset over ``indices`` of the train pool, augmented iff ``train``."""
+
+    def _test_dataset(self) -> Dataset[Batch] | None:
+        """A separate test set, or ``None`` to test on the validation split."""
+        return None
+
+    def split_indices(self) -> SplitIndices:
+        """Return the (cached) train / val indices into the train pool.
+
+        ``train`` is the training set actually used, i.e. after ``train_subset``. Available before ``setup``.
+        """
+        if self._split is None:
+            targets = self._targets()
+            split = stratified_split(
+                targets, seed=self.seed, val_fraction=self.val_fraction, val_per_class=self.val_per_class
+            )
+            if self.train_subset is not None:
+                if self.train_subset > len(split.train):
+                    raise ValueError(f"train_subset={self.train_subset} exceeds the {len(split.train)} training images")
+                subset = balanced_subset(split.train, targets, self.train_subset, seed=self.seed)
+                split = SplitIndices(sorted(subset), split.val)
+            self._split = split
+        return self._split
+
+    def calibration_indices(self, num_images: int = 1000) -> list[int]:
+        """Fixed, class-balanced indices of ``num_images`` training images (all of them if fewer exist)."""
+        check_int("num_images", num_images, 1)
+        train = self.split_indices().train
+        return _balanced(train, self._targets(), num_images, _generator(self.seed, _CALIB_STREAM))
+
+    def calibration_batches(self, num_images: int = 1000, batch_size: int = 128) -> list[Batch]:
+        """Return a fixed, un-augmented, class-balanced subset of the train split as ``(x, y)`` batches.
+
+        The same ``seed`` always gives the same images in the same order (e.g. for Hessian profiling).
+
+        Args:
+            num_images: Number of images (clamped to the training-set size).
+            batch_size: Images per batch (the last batch may be smaller).
+
+        Returns:
+            A list of ``(images, labels)`` CPU tensor pairs.
+        """
+        check_int("batch_size", batch_size, 1)
+        dataset = self._dataset(self.calibration_indices(num_images), train=False)
+        return list(DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the train / val / test datasets (idempotent)."""
+        if self.train_set is not None:
+            return
+        split = self.split_indices()
+        self.train_set = self._dataset(split.train, train=True)
+        self.val_set = self._dataset(split.val, train=False)
+        self.test_set = self._test_dataset() or self.val_set
+
+    def _loader(self, dataset: Dataset[Batch] | None, *, train: bool) -> DataLoader[Batch]:
+        assert dataset is not None, "setup() must build the datasets"
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochRandomSampler(dataset, self.seed) if train else None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            drop_last=self.drop_last and train,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader[Batch]:
+        """Shuffled (seeded generator), augmented training loader."""
+        self.setup()
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader[Batch]:
+        """Validation loader, not shuffled."""
+        self.setup()
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader[Batch]:
+        """Test loader (the validation split unless a separate test set exists), not shuffled."""
+        self.setup()
+        return self._loader(self.test_set, train=False)

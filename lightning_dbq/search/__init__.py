@@ -1,0 +1,1 @@
+"""Sensitivity analysis and bit allocation (pure torch/numpy/pulp: no lightning, hydra or omegaconf)."""

@@ -1,0 +1,119 @@
+"""ALRS: per-bit learning rates for the quantization scales, and the optimizer param-group helper.
+
+η_b (DESIGN.md section 2), relative to the highest bit h, Δ = h − b:
+
+* Δ even: ``η_b = 10^(−Δ/2)``        (8→1, 6→0.1, 4→0.01, 2→0.001 for {8,6,4,2})
+* Δ odd:  ``η_b = 5·10^(−(Δ+1)/2)``  ({4,3,2}: 4→1, 3→0.5, 2→0.1)
+
+The shared Double Rounding weight scale receives gradients ~2^k larger at low bits (algos.md E.2); in Algorithm
+A.2 each bit's optimizer step uses ``lr·η_b`` for the weight-scale group. Mode ``"eq6"`` adds the paper's
+gradient-dependent term ``λ_b = η_b·(λ − (1/L)·Σ_i min(max|clip(∇s_b^i, 1)|, 1))``, floored at 0 because, taken
+literally, it goes negative when λ < 1 (it is measured against plain η_b in the CIFAR-10 ablation).
+Activation scales are per bit (never shared), so by default they keep the base learning rate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_dbq.quant.layers import is_quant_layer
+from lightning_dbq.quant.norm import PerBitNorm
+
+__all__ = ["ALRS_MODES", "alrs_factor", "eq6_factor", "param_groups", "scaled_scale_lr", "GROUP_KEY"]
+
+ALRS_MODES = ("paper", "eq6", "off")
+GROUP_KEY = "dbq_group"
+
+
+def alrs_factor(bits: int, high_bits: int) -> float:
+    """η_b for ``bits`` relative to the stored precision ``high_bits``.
+
+    Example:
+        >>> [alrs_factor(b, 8) for b in (8, 6, 4, 2)]
+        [1.0, 0.1, 0.01, 0.001]
+        >>> [alrs_factor(b, 4) for b in (4, 3, 2)]
+        [1.0, 0.5, 0.1]
+    """
+    delta = high_bits - bits
+    if delta < 0:
+        raise ValueError(f"bits={bits} must not exceed high_bits={high_bits}")
+    if delta % 2 == 0:
+        return float(10.0 ** (-delta // 2))
+    return float(5.0 * 10.0 ** (-(delta + 1) // 2))
+
+
+def eq6_factor(eta: float, base_lr: float, scale_grads: Sequence[torch.Tensor | None]) -> float:
+    """The paper's eq. 6 multiplier ``η_b·(λ − mean_i min(max|clip(g_i, 1)|, 1))`` relative to ``λ``, floored at 0.
+
+    Returns the factor to multiply ``λ`` with (so ``λ_b = λ·factor``).
+    """
+    grads = [g for g in scale_grads if g is not None]
+    if not grads or base_lr <= 0:
+        return eta
+    term = sum(float(g.detach().clamp(-1.0, 1.0).abs().max().clamp(max=1.0)) for g in grads) / len(grads)
+    return max(eta * (base_lr - term) / base_lr, 0.0)
+
+
+def _classify(model: nn.Module) -> dict[int, str]:
+    kinds: dict[int, str] = {}
+    m: Any
+    for m in model.modules():
+        if is_quant_layer(m):
+            kinds[id(m.weight_quant.scale)] = "weight_scales"
+            if m.act_quant is not None:
+                for p in m.act_quant.parameters():
+                    kinds[id(p)] = "act_scales"
+    for m in model.modules():
+        if isinstance(m, PerBitNorm):
+            for p in m.parameters():
+                kinds.setdefault(id(p), "norms")
+    return kinds
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    scale_lr: float | None = None,
+    scale_weight_decay: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Optimizer param groups for a prepared model, for use inside ``configure_optimizers``.
+
+    Groups (each tagged with ``dbq_group``): ``weights`` (every non-quantizer parameter, with ``weight_decay``),
+    ``weight_scales`` (shared Double Rounding scales: ALRS applies here) and ``act_scales`` (per-bit activation
+    scales), both with ``scale_weight_decay`` (default 0) and ``scale_lr`` (default ``lr``). Build schedulers
+    *after* this (LambdaLR / OneCycleLR / cosine all work because the groups exist before the scheduler).
+    """
+    kinds = _classify(model)
+    buckets: dict[str, list[nn.Parameter]] = {"weights": [], "weight_scales": [], "act_scales": []}
+    for p in model.parameters():
+        if p.requires_grad:
+            buckets["weights" if kinds.get(id(p), "weights") == "norms" else kinds.get(id(p), "weights")].append(p)
+    s_lr = lr if scale_lr is None else scale_lr
+    groups = [{"params": buckets["weights"], "lr": lr, "weight_decay": weight_decay, GROUP_KEY: "weights"}]
+    for name in ("weight_scales", "act_scales"):
+        if buckets[name]:
+            groups.append({"params": buckets[name], "lr": s_lr, "weight_decay": scale_weight_decay, GROUP_KEY: name})
+    return groups
+
+
+@contextlib.contextmanager
+def scaled_scale_lr(optimizer: Any, factor: float, groups: Sequence[str] = ("weight_scales",)) -> Iterator[None]:
+    """Multiply the lr of the tagged scale groups by ``factor`` for one step, then restore it exactly.
+
+    Restoring keeps LR schedulers (which own ``group['lr']``) unaffected.
+    """
+    tagged = [g for g in optimizer.param_groups if g.get(GROUP_KEY) in groups]
+    saved = [g["lr"] for g in tagged]
+    try:
+        for g in tagged:
+            g["lr"] = g["lr"] * factor
+        yield
+    finally:
+        for g, lr in zip(tagged, saved, strict=True):
+            g["lr"] = lr

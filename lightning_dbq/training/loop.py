@@ -1,0 +1,168 @@
+"""``run_bit_loop``: THE per-bit forward/backward/step driver (paper Algorithms A.1 and A.2).
+
+Every entry point — the bit-switch Strategies, ``DBQModule.optimizer_step`` under a stock strategy, and the
+``DoubleRoundingQAT`` callback — calls this one function with a ``step_fn`` that performs one ordinary Lightning
+optimizer step for a given closure. Each closure call re-runs ``training_step`` + ``zero_grad`` + backward through
+the normal Lightning machinery (precision plugin, clipping, DDP reducer), so ``global_step`` still counts batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from lightning_dbq.training.alrs import GROUP_KEY, alrs_factor, eq6_factor, scaled_scale_lr
+from lightning_dbq.training.state import BitConfig, BitLoopState, get_state
+
+__all__ = ["check_training_setup", "run_bit_loop"]
+
+
+def _ddp_find_unused(strategy: Any) -> bool | None:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if not isinstance(strategy, DDPStrategy):
+        return None
+    return bool(strategy._ddp_kwargs.get("find_unused_parameters", False))
+
+
+def check_training_setup(module: Any, state: BitLoopState) -> None:
+    """Guards with clear errors (run before the first step).
+
+    Raises:
+        RuntimeError: manual optimization, ``accumulate_grad_batches != 1``, DDP without
+            ``find_unused_parameters=True``, or quantization parameters missing from the optimizer (layers
+            quantized after ``configure_optimizers``).
+    """
+    if not module.automatic_optimization:
+        raise RuntimeError(
+            "lightning_dbq's per-bit loop needs automatic optimization; with `automatic_optimization = False` the "
+            "strategy would repeat your optimizer.step on the same gradients. Loop over bits in your training_step "
+            "instead (lightning_dbq.set_bits + manual_backward)."
+        )
+    trainer = module.trainer
+    if trainer.accumulate_grad_batches != 1:
+        raise RuntimeError(
+            f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) is not supported by the per-bit "
+            "loop (micro-batches would run at a stale bit and leak gradients between bits); use 1"
+        )
+    if _ddp_find_unused(trainer.strategy) is False:
+        raise RuntimeError(
+            "DDP needs find_unused_parameters=True for bit switching (each bit's norms and scales are unused in the "
+            "other bits' passes): use strategy='dbq_ddp' or DDPStrategy(find_unused_parameters=True)"
+        )
+    in_opt = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+    missing = [n for n, p in state.model.named_parameters() if p.requires_grad and id(p) not in in_opt]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} trainable parameter(s) of the quantized model are not in any optimizer, "
+            f"e.g. {missing[:4]}: layers were quantized after configure_optimizers "
+            "(quantize in __init__ or Callback.setup)"
+        )
+
+
+def _grad_snapshot(params: list[torch.nn.Parameter]) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.detach().clone() for p in params]
+
+
+def run_bit_loop(
+    module: Any,
+    step_fn: Callable[[Callable[[], Any]], Any],
+    closure: Callable[[], Any],
+    optimizer: Any,
+) -> Any:
+    """Run one batch over every bit configuration.
+
+    Args:
+        module: the LightningModule (holds ``dbq_state``).
+        step_fn: performs ONE optimizer step with the given closure (e.g. ``lambda c: optimizer.step(closure=c)``).
+        closure: Lightning's closure (training_step + zero_grad + backward).
+        optimizer: the optimizer (its param groups are tagged by :func:`~lightning_dbq.training.alrs.param_groups`).
+
+    Returns:
+        The value of the last step.
+    """
+    state = get_state(module)
+    if not state.checked:
+        check_training_setup(module, state)
+        state.checked = True
+    configs = state.configs(int(module.trainer.global_step))
+    high = state.bits[0]
+    groups = ("weight_scales", "act_scales") if state.alrs_act_scales else ("weight_scales",)
+    try:
+        if state.algorithm == "A1":
+            return step_fn(_accumulating_closure(state, configs, closure, optimizer, groups))
+        out = None
+        for bits, config in configs:
+            state.activate(bits, config)
+            eta = 1.0 if state.alrs == "off" else alrs_factor(bits, high)
+            if state.alrs == "eq6":
+                with _restore_lrs(optimizer):
+                    out = step_fn(_eq6_closure(closure, optimizer, eta, groups))
+            else:
+                with scaled_scale_lr(optimizer, eta, groups):
+                    out = step_fn(closure)
+        return out
+    finally:
+        state.reset()
+
+
+@contextlib.contextmanager
+def _restore_lrs(optimizer: Any) -> Iterator[None]:
+    saved = [g["lr"] for g in optimizer.param_groups]
+    try:
+        yield
+    finally:
+        for g, lr in zip(optimizer.param_groups, saved, strict=True):
+            g["lr"] = lr
+
+
+def _eq6_closure(closure: Callable[[], Any], optimizer: Any, eta: float, groups: tuple[str, ...]) -> Callable[[], Any]:
+    """Run the closure, then set the scale groups' lr from eq. 6 using the fresh scale gradients."""
+
+    def wrapped() -> Any:
+        out = closure()
+        for g in optimizer.param_groups:
+            if g.get(GROUP_KEY) in groups:
+                g["lr"] = g["lr"] * eq6_factor(eta, g["lr"], [p.grad for p in g["params"]])
+        return out
+
+    return wrapped
+
+
+def _accumulating_closure(
+    state: BitLoopState,
+    configs: list[tuple[int, BitConfig]],
+    closure: Callable[[], Any],
+    optimizer: Any,
+    groups: tuple[str, ...],
+) -> Callable[[], Any]:
+    """Algorithm A.1: every bit's forward/backward, gradients summed, then one step.
+
+    ALRS in A.1 scales each bit's contribution to the shared weight-scale gradient by η_b (there is one step, so
+    there is no per-bit learning rate to set).
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    scale_ids = {id(p) for g in optimizer.param_groups if g.get(GROUP_KEY) in groups for p in g["params"]}
+
+    def combined() -> Any:
+        total: list[torch.Tensor | None] = [None] * len(params)
+        out = None
+        for bits, config in configs:
+            state.activate(bits, config)
+            out = closure()  # zero_grad + backward for this bit
+            eta = 1.0 if state.alrs == "off" else alrs_factor(bits, state.bits[0])
+            for i, g in enumerate(_grad_snapshot(params)):
+                if g is None:
+                    continue
+                if id(params[i]) in scale_ids:
+                    g = g * eta
+                prev = total[i]
+                total[i] = g if prev is None else prev + g
+        for p, g in zip(params, total, strict=True):
+            p.grad = g
+        return out
+
+    return combined
