@@ -3,8 +3,6 @@ terminal summary (so measured figures such as artifact size ratios appear in `ma
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from hypothesis import settings
@@ -12,7 +10,8 @@ from hypothesis import settings
 settings.register_profile("dbq", deadline=None, derandomize=True, max_examples=60)
 settings.load_profile("dbq")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: on the 2-core CI box two OpenMP threads per process are 5-20x slower (contention).
+torch.set_num_threads(1)
 
 _REPORT: list[str] = []
 

@@ -15,7 +15,7 @@ from lightning_dbq.quant.prepare import prepare
 from lightning_dbq.quant.spec import validate_bits
 from lightning_dbq.training.alrs import param_groups
 from lightning_dbq.training.distill import kd_loss
-from lightning_dbq.training.loop import run_bit_loop
+from lightning_dbq.training.loop import check_training_setup, run_bit_loop
 from lightning_dbq.training.metrics import PerBitMetrics
 from lightning_dbq.training.state import BitLoopState, bit_label
 from lightning_dbq.training.strategy import is_bit_switch_strategy
@@ -123,6 +123,11 @@ class DBQModule(pl.LightningModule):
         label = state.active_label or bit_label(state.bits[0])
         self.log(f"train/loss_{label}", loss, on_step=True, on_epoch=True, prog_bar=state.active_bits == state.bits[-1])
         return loss
+
+    def on_train_start(self) -> None:
+        """Run the loop's guards before the first batch (manual optimization would never reach the loop)."""
+        check_training_setup(self, self.dbq_state)
+        self.dbq_state.checked = True
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         """Run the per-bit loop here unless the strategy already does."""

@@ -1,0 +1,68 @@
+"""Config validation before any training starts: every error names the config key at fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigError", "validate_train_config"]
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message starts with the dotted key."""
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    node = cfg
+    for part in key.split("."):
+        if node is None or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def validate_train_config(cfg: Any) -> None:
+    """Check model name, bits, data root/num_classes and option enums.
+
+    Raises:
+        ConfigError: naming the key, the bad value and the allowed values.
+    """
+    import timm
+
+    import lightning_dbq.models  # noqa: F401  (register cifar_resnet*)
+    from lightning_dbq.quant.spec import validate_bits
+    from lightning_dbq.training.alrs import ALRS_MODES
+    from lightning_dbq.training.module import OPTIMIZERS, SCHEDULERS
+    from lightning_dbq.training.state import ALGORITHMS
+
+    name = _get(cfg, "model.name")
+    if not isinstance(name, str) or not timm.is_model(name):
+        close = timm.list_models(f"*{str(name).split('_')[0]}*")[:6] if isinstance(name, str) else []
+        raise ConfigError(f"model.name: unknown model {name!r}; any timm model name is allowed (close: {close})")
+    try:
+        validate_bits(list(_get(cfg, "quant.bits", [])), "quant.bits")
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"quant.bits: {e}") from e
+    for key, allowed in (("quant.algorithm", ALGORITHMS), ("quant.alrs", ALRS_MODES),
+                         ("optim.optimizer", OPTIMIZERS), ("optim.scheduler", SCHEDULERS)):  # fmt: skip
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}: got {value!r}; allowed: {list(allowed)}")
+    root = _get(cfg, "data.root")
+    target = str(_get(cfg, "data._target_", ""))
+    downloads = target.endswith("CIFAR10DataModule") and _get(cfg, "data.download", False)
+    if root is not None and not downloads and not Path(str(root)).exists():
+        raise ConfigError(f"data.root: {root!r} does not exist (absolute: {Path(str(root)).resolve()})")
+    kw_classes = _get(cfg, "model.kwargs.num_classes")
+    if kw_classes is not None:
+        raise ConfigError(
+            f"model.kwargs.num_classes: set to {kw_classes}, but the number of classes comes from the data module; "
+            "remove it"
+        )
+
+
+def check_num_classes(data_classes: int, cfg: Any) -> None:
+    """The data's classes must match an explicit ``model.num_classes`` if one is given."""
+    explicit = _get(cfg, "model.num_classes")
+    if explicit is not None and int(explicit) != int(data_classes):
+        raise ConfigError(f"model.num_classes: {explicit} does not match the data's {data_classes} classes")
