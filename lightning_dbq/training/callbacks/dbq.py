@@ -40,8 +40,8 @@ class DoubleRoundingQAT(Callback):
 
     Args:
         bits: candidate bits.
-        attr: attribute of the LightningModule holding the network to quantize (default: the module itself, or its
-            only child that is a timm model).
+        attr: attribute of the LightningModule holding the network to quantize (default: its only child that has
+            parameters, else the LightningModule itself).
         quant: :func:`~lightning_dbq.prepare` options.
         algorithm: ``"A2"`` | ``"A1"``; ``alrs``: ``"paper"`` | ``"eq6"`` | ``"off"`` (needs the param groups of
             :func:`~lightning_dbq.training.alrs.param_groups` to act; otherwise scales share the user's groups).
@@ -80,8 +80,9 @@ class DoubleRoundingQAT(Callback):
                     f"DoubleRoundingQAT(attr={self.attr!r}): {type(pl_module).__name__} has no such attribute"
                 )
             return getattr(pl_module, self.attr)  # type: ignore[no-any-return]
-        children = [m for m in pl_module.children() if getattr(m, "pretrained_cfg", None)]
-        return children[0] if len(children) == 1 else pl_module
+        # the only child that owns parameters (e.g. `self.net`), so layer names and first/last rules are the model's
+        owners = [m for m in pl_module.children() if any(True for _ in m.parameters())]
+        return owners[0] if len(owners) == 1 else pl_module
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Prepare the model (idempotent) and install the per-bit loop when the strategy does not run it."""

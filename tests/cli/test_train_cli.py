@@ -1,0 +1,108 @@
+"""dbq-train: composing every config option, the results.json interface, config validation, multirun + W&B."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+from lightning_dbq.cli._conf import config_dir
+from lightning_dbq.cli.train import train
+from lightning_dbq.cli.validate import ConfigError, validate_train_config
+
+CONF = Path(config_dir())
+TINY = [
+    "data=synthetic", "data.num_samples=96", "data.image_size=8", "trainer.max_epochs=1", "logger=none",
+    "callbacks.progress_bar=null", "test=false",
+]  # fmt: skip
+
+
+def _compose(overrides: list[str], output_dir: Path | None = None):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=output_dir is not None)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+            del cfg["hydra"]
+    return cfg
+
+
+def _group_options() -> list[tuple[str, str]]:
+    out = []
+    for group in ("data", "model", "quant", "optim", "trainer", "callbacks", "logger", "experiment"):
+        for f in sorted((CONF / group).glob("*.yaml")):
+            out.append((group, f.stem))
+    return out
+
+
+@pytest.mark.parametrize(("group", "option"), _group_options())
+def test_every_group_option_composes(group: str, option: str) -> None:
+    extra = ["data.root=/tmp"] if (group, option) == ("data", "imagefolder") else []
+    cfg = _compose([f"{group}={option}", *extra])
+    assert cfg.quant.bits and cfg.model.name
+
+
+def test_train_writes_results_json_artifact_and_plot(tmp_path: Path) -> None:
+    cfg = _compose([*TINY, "model.name=cifar_resnet20", "quant.bits=[8,4,2]"], output_dir=tmp_path)
+    metrics = train(cfg)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["bits"] == [8, 4, 2]
+    assert set(results["val"]) == {"w8a8", "w4a4", "w2a2"}
+    assert all(0.0 <= v["acc"] <= 1.0 for v in results["val"].values())
+    assert (tmp_path / results["artifact"]).is_file()
+    assert (tmp_path / results["checkpoint"]).is_file()
+    assert (tmp_path / "per_bit_accuracy.png").stat().st_size > 1000
+    assert metrics["val/acc_w8a8"] == pytest.approx(results["val"]["w8a8"]["acc"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["model.name=resnet_nonexistent"], "model.name: unknown model 'resnet_nonexistent'"),
+        (["quant.bits=[8,9]"], r"quant.bits: .*got 9"),
+        (["quant.bits=[8,8]"], "quant.bits: .*duplicates"),
+        (["quant.bits=[]"], "quant.bits: .*must not be empty"),
+        (["data=imagefolder", "data.root=/nonexistent/cifar"], "data.root: '/nonexistent/cifar' does not exist"),
+        (["+model.kwargs.num_classes=7"], "model.kwargs.num_classes: set to 7"),
+        (["+model.num_classes=7"], "model.num_classes: 7 does not match the data's 4 classes"),
+        (["quant.algorithm=A3"], r"quant.algorithm: got 'A3'; allowed: \['A2', 'A1'\]"),
+        (["optim.optimizer=lion"], "optim.optimizer: got 'lion'"),
+    ],
+)
+def test_invalid_configs_fail_before_training(tmp_path: Path, overrides: list[str], match: str) -> None:
+    base = [o for o in TINY if not o.startswith("data")] if any(o.startswith("data=") for o in overrides) else TINY
+    cfg = _compose([*base, *overrides], output_dir=tmp_path)
+    with pytest.raises(ConfigError, match=match):
+        train(cfg)
+    assert not (tmp_path / "checkpoints").exists()  # nothing trained
+
+
+def test_validation_accepts_the_default_config() -> None:
+    validate_train_config(_compose([]))
+
+
+def test_multirun_over_bit_lists_gives_separate_jobs_and_wandb_runs(tmp_path: Path, report) -> None:
+    env = {**os.environ, "WANDB_SILENT": "true", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    cmd = [
+        sys.executable, "-m", "lightning_dbq.cli.train", "-m", "quant.bits=[8,4,2],[4,3,2]", *TINY[:-2],
+        "logger=wandb", "callbacks.progress_bar=null", "test=false", f"hydra.sweep.dir={tmp_path}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "results.json").exists())
+    assert [p.name for p in jobs] == ["0", "1"]
+    bits = [json.loads((p / "results.json").read_text())["bits"] for p in jobs]
+    assert bits == [[8, 4, 2], [4, 3, 2]]
+    run_dirs = [sorted((p / "wandb").glob("offline-run-*")) for p in jobs]
+    assert all(len(r) == 1 for r in run_dirs), run_dirs
+    ids = {r[0].name.rsplit("-", 1)[-1] for r in run_dirs}
+    assert len(ids) == 2  # two separate W&B runs, one per job
+    report(f"multirun quant.bits=[8,4,2],[4,3,2]: jobs {[p.name for p in jobs]}, W&B offline runs {sorted(ids)}")
