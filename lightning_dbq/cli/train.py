@@ -65,7 +65,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     validate_train_config(cfg)
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
-    logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints itself; avoid duplicate lines
+    for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning prints itself; avoid duplicate lines
+        logging.getLogger(name).propagate = False
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     check_num_classes(datamodule.num_classes, cfg)

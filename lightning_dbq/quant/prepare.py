@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_dbq.quant.layers import DBQLayer, is_quant_layer, make_quant_layer, quantizable_base
-from lightning_dbq.quant.norm import PerBitNorm
+from lightning_dbq.quant.norm import PerBitNorm, TransitionalNorm
 from lightning_dbq.quant.spec import QuantSpec, validate_bits
 
 __all__ = [
@@ -110,6 +110,7 @@ def prepare(
     quantize_acts: bool = True,
     per_bit_norm: bool = True,
     skip: Sequence[str] = (),
+    transitional_norm: bool = False,
 ) -> nn.Module:
     """Make ``model`` bit-switchable in place (and return it). Idempotent.
 
@@ -128,6 +129,8 @@ def prepare(
         quantize_acts: quantize the inputs of quantized layers.
         per_bit_norm: give each candidate bit its own BatchNorm.
         skip: fnmatch patterns (e.g. ``"*.downsample.*"``) of layer names to keep floating point.
+        transitional_norm: mixed precision: each norm has a copy per (previous quantized layer's bits, owner's
+            bits) instead of per bit (:class:`~lightning_dbq.quant.norm.TransitionalNorm`).
 
     Returns:
         The same model object.
@@ -144,7 +147,10 @@ def prepare(
         quantize_acts=quantize_acts,
         per_bit_norm=per_bit_norm,
         skip=tuple(skip),
+        transitional_norm=transitional_norm,
     )
+    if transitional_norm and not per_bit_norm:
+        raise ValueError("transitional_norm=True needs per_bit_norm=True")
     existing = getattr(model, _SPEC_ATTR, None)
     if existing is not None:
         if existing != spec:
@@ -177,8 +183,14 @@ def prepare(
             owners[name] = last_weight  # type: ignore[assignment]
     for name in targets:
         make_quant_layer(model.get_submodule(name), spec.bits, per_channel=per_channel, quantize_input=quantize_acts)
+    order = {n: i for i, n in enumerate(targets)}
     for name, owner in owners.items():
-        _replace(model, name, PerBitNorm(model.get_submodule(name), spec.bits, owner=owner))
+        norm = model.get_submodule(name)
+        if transitional_norm:
+            prev = targets[order[owner] - 1] if order[owner] > 0 else ""
+            _replace(model, name, TransitionalNorm(norm, spec.bits, owner=owner, prev=prev))
+        else:
+            _replace(model, name, PerBitNorm(norm, spec.bits, owner=owner))
     setattr(model, _SPEC_ATTR, spec)
     return model
 
@@ -237,11 +249,10 @@ def set_bits(model: nn.Module, bits: int | Mapping[str, int]) -> nn.Module:
             m.act_quant.active_bits = b
     for norm in model.modules():
         if isinstance(norm, PerBitNorm):
-            norm.active_bits = (
-                layers[norm.owner].weight_quant.active_bits
-                if norm.owner in layers
-                else (bits if isinstance(bits, int) else norm.active_bits)
-            )
+            norm.active_bits = layers[norm.owner].weight_quant.active_bits
+        elif isinstance(norm, TransitionalNorm):
+            own = layers[norm.owner].weight_quant.active_bits
+            norm.active = (layers[norm.prev].weight_quant.active_bits if norm.prev else own, own)
     return model
 
 

@@ -54,6 +54,8 @@ class QuantSpec:
         quantize_acts: quantize each quantized layer's input with per-bit LSQ scales.
         per_bit_norm: one BatchNorm copy per bit after quantized layers.
         skip: fnmatch patterns of layer names to keep in floating point.
+        transitional_norm: norms keyed by (previous layer bits, layer bits) for mixed precision (needs
+            ``per_bit_norm``).
     """
 
     bits: tuple[int, ...] = (8, 6, 4, 2)
@@ -63,6 +65,7 @@ class QuantSpec:
     quantize_acts: bool = True
     per_bit_norm: bool = True
     skip: tuple[str, ...] = field(default_factory=tuple)
+    transitional_norm: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", validate_bits(self.bits))

@@ -15,7 +15,7 @@ Activation scales are per bit (never shared), so by default they keep the base l
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,10 +24,11 @@ from torch import nn
 from lightning_dbq.quant.layers import is_quant_layer
 from lightning_dbq.quant.norm import PerBitNorm
 
-__all__ = ["ALRS_MODES", "alrs_factor", "eq6_factor", "param_groups", "scaled_scale_lr", "GROUP_KEY"]
+__all__ = ["ALRS_MODES", "GROUP_KEY", "LAYER_KEY", "alrs_factor", "eq6_factor", "param_groups", "scaled_scale_lr"]
 
 ALRS_MODES = ("paper", "eq6", "off")
 GROUP_KEY = "dbq_group"
+LAYER_KEY = "dbq_layer"
 
 
 def alrs_factor(bits: int, high_bits: int) -> float:
@@ -59,12 +60,14 @@ def eq6_factor(eta: float, base_lr: float, scale_grads: Sequence[torch.Tensor | 
     return max(eta * (base_lr - term) / base_lr, 0.0)
 
 
-def _classify(model: nn.Module) -> dict[int, str]:
+def _classify(model: nn.Module) -> tuple[dict[int, str], dict[int, str]]:
     kinds: dict[int, str] = {}
+    layer_of: dict[int, str] = {}
     m: Any
-    for m in model.modules():
+    for name, m in model.named_modules():
         if is_quant_layer(m):
             kinds[id(m.weight_quant.scale)] = "weight_scales"
+            layer_of[id(m.weight_quant.scale)] = name
             if m.act_quant is not None:
                 for p in m.act_quant.parameters():
                     kinds[id(p)] = "act_scales"
@@ -72,7 +75,7 @@ def _classify(model: nn.Module) -> dict[int, str]:
         if isinstance(m, PerBitNorm):
             for p in m.parameters():
                 kinds.setdefault(id(p), "norms")
-    return kinds
+    return kinds, layer_of
 
 
 def param_groups(
@@ -85,34 +88,45 @@ def param_groups(
     """Optimizer param groups for a prepared model, for use inside ``configure_optimizers``.
 
     Groups (each tagged with ``dbq_group``): ``weights`` (every non-quantizer parameter, with ``weight_decay``),
-    ``weight_scales`` (shared Double Rounding scales: ALRS applies here) and ``act_scales`` (per-bit activation
-    scales), both with ``scale_weight_decay`` (default 0) and ``scale_lr`` (default ``lr``). Build schedulers
-    *after* this (LambdaLR / OneCycleLR / cosine all work because the groups exist before the scheduler).
+    ``weight_scales`` (the shared Double Rounding scales, ONE GROUP PER LAYER tagged ``dbq_layer`` so ALRS can key
+    on each layer's bits in mixed precision) and ``act_scales`` (per-bit activation scales); scale groups use
+    ``scale_weight_decay`` (default 0) and ``scale_lr`` (default ``lr``). Build schedulers *after* this (LambdaLR /
+    OneCycleLR / cosine all work because the groups exist before the scheduler).
     """
-    kinds = _classify(model)
+    kinds, layer_of = _classify(model)
     buckets: dict[str, list[nn.Parameter]] = {"weights": [], "weight_scales": [], "act_scales": []}
     for p in model.parameters():
         if p.requires_grad:
             buckets["weights" if kinds.get(id(p), "weights") == "norms" else kinds.get(id(p), "weights")].append(p)
     s_lr = lr if scale_lr is None else scale_lr
     groups = [{"params": buckets["weights"], "lr": lr, "weight_decay": weight_decay, GROUP_KEY: "weights"}]
-    for name in ("weight_scales", "act_scales"):
-        if buckets[name]:
-            groups.append({"params": buckets[name], "lr": s_lr, "weight_decay": scale_weight_decay, GROUP_KEY: name})
+    for p in buckets["weight_scales"]:
+        groups.append({"params": [p], "lr": s_lr, "weight_decay": scale_weight_decay, GROUP_KEY: "weight_scales",
+                       LAYER_KEY: layer_of[id(p)]})  # fmt: skip
+    if buckets["act_scales"]:
+        groups.append({"params": buckets["act_scales"], "lr": s_lr, "weight_decay": scale_weight_decay,
+                       GROUP_KEY: "act_scales"})  # fmt: skip
     return groups
 
 
 @contextlib.contextmanager
-def scaled_scale_lr(optimizer: Any, factor: float, groups: Sequence[str] = ("weight_scales",)) -> Iterator[None]:
+def scaled_scale_lr(
+    optimizer: Any,
+    factor: float,
+    groups: Sequence[str] = ("weight_scales",),
+    per_layer: Mapping[str, float] | None = None,
+) -> Iterator[None]:
     """Multiply the lr of the tagged scale groups by ``factor`` for one step, then restore it exactly.
 
-    Restoring keeps LR schedulers (which own ``group['lr']``) unaffected.
+    ``per_layer`` (mixed precision) overrides the factor of groups tagged with that ``dbq_layer``. Restoring keeps
+    LR schedulers (which own ``group['lr']``) unaffected.
     """
     tagged = [g for g in optimizer.param_groups if g.get(GROUP_KEY) in groups]
     saved = [g["lr"] for g in tagged]
     try:
         for g in tagged:
-            g["lr"] = g["lr"] * factor
+            f = per_layer.get(g.get(LAYER_KEY, ""), factor) if per_layer else factor
+            g["lr"] = g["lr"] * f
         yield
     finally:
         for g, lr in zip(tagged, saved, strict=True):

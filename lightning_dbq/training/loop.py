@@ -102,11 +102,19 @@ def run_bit_loop(
                 with _restore_lrs(optimizer):
                     out = step_fn(_eq6_closure(closure, optimizer, eta, groups))
             else:
-                with scaled_scale_lr(optimizer, eta, groups):
+                per_layer = _per_layer_eta(config, high) if state.alrs != "off" else None
+                with scaled_scale_lr(optimizer, eta, groups, per_layer=per_layer):
                     out = step_fn(closure)
         return out
     finally:
         state.reset()
+
+
+def _per_layer_eta(config: BitConfig, high: int) -> dict[str, float] | None:
+    """Mixed precision: ALRS keys on each layer's sampled bits."""
+    if isinstance(config, int):
+        return None
+    return {name: alrs_factor(b, high) for name, b in config.items()}
 
 
 @contextlib.contextmanager

@@ -93,6 +93,15 @@ def check_allocation(problem: BitAllocationProblem, alloc: Allocation, omega: fl
             assert alloc.bops <= max_bops * (1 + 1e-9)
 
 
+def _distinct(values: list[float]) -> list[float]:
+    """Sorted values with near-equal (rel 1e-9) neighbours merged."""
+    out: list[float] = []
+    for v in sorted(values):
+        if not out or abs(v - out[-1]) > 1e-9 * abs(v):
+            out.append(v)
+    return out
+
+
 @pytest.mark.parametrize(("seed", "num_layers"), [(0, 8), (1, 8), (2, 8), (3, 6), (4, 5)])
 def test_ilp_equals_brute_force(seed: int, num_layers: int) -> None:
     problem = make_problem(seed, num_layers)
@@ -103,6 +112,23 @@ def test_ilp_equals_brute_force(seed: int, num_layers: int) -> None:
         alloc = solve_ilp(problem, omega)
         check_allocation(problem, alloc, omega)
         assert alloc.cost == pytest.approx(brute_optimum(bf, problem.total_params, omega), rel=1e-9), omega
+
+
+@pytest.mark.parametrize("omega", [3.3081335686547906, 2.815264550195524])
+def test_ilp_resolves_near_optimal_rivals(omega: float) -> None:
+    """Regression: on this instance CBC's default cutoff increment (1e-5 on the scaled objective) returned a
+    configuration ~5e-9 (relative) worse than the optimum at these budgets."""
+    problem = make_problem(246, 8)
+    best = brute_optimum(brute_force(problem), problem.total_params, omega)
+    assert solve_ilp(problem, omega).cost == pytest.approx(best, rel=1e-9)
+
+
+def integer_problem(seed: int, num_layers: int, ties: tuple[tuple[str, str], ...] = ()) -> BitAllocationProblem:
+    """Small integer sizes and costs: exact ties in size and in cost everywhere."""
+    rng = np.random.default_rng(seed)
+    cost = -np.sort(-rng.integers(0, 6, (num_layers, len(BITS))), axis=1).astype(float)  # non-increasing in bits
+    params = tuple(int(x) for x in rng.integers(1, 4, num_layers))
+    return BitAllocationProblem(tuple(f"l{i}" for i in range(num_layers)), params, BITS, cost, ties=ties)
 
 
 @pytest.mark.parametrize("seed", [5, 6])
@@ -119,6 +145,14 @@ def test_ilp_with_ties_bops_and_fixed_equals_brute_force(seed: int) -> None:
         alloc = solve_ilp(problem, omega, max_bops=max_bops)
         check_allocation(problem, alloc, omega, max_bops)
         assert alloc.cost == pytest.approx(brute_optimum(bf, problem.total_params, omega, max_bops), rel=1e-9)
+    omegas = [3.0, 4.5, 6.0]
+    max_bops = lo + 0.3 * (hi - lo)
+    swept = pareto_front(problem, omegas, method="ilp", max_bops=max_bops)
+    assert len(swept) >= 2
+    for alloc in swept:
+        check_allocation(problem, alloc, alloc.avg_bits, max_bops)
+    best = [brute_optimum(bf, problem.total_params, w, max_bops) for w in omegas]
+    assert _distinct([a.cost for a in swept]) == pytest.approx(_distinct(best), rel=1e-9)
     fixed = {"block4.conv": 2, "block1.conv": 8}
     bf_fixed = brute_force(problem, fixed)
     omega = float(bf_fixed["size"].min() + bf_fixed["size"].max()) / 2 / problem.total_params
@@ -140,9 +174,17 @@ def _brute_front(bf: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return size[keep], cost[keep]
 
 
-@pytest.mark.parametrize("ties", [(), (("block2.conv", "block6.conv"), ("block0.conv", "block1.conv"))])
-def test_dp_front_equals_brute_force_front(ties: tuple[tuple[str, str], ...]) -> None:
-    problem = make_problem(7, 8, ties=ties)
+@pytest.mark.parametrize(
+    "problem",
+    [
+        make_problem(7, 8),
+        make_problem(7, 8, ties=(("block2.conv", "block6.conv"), ("block0.conv", "block1.conv"))),
+        integer_problem(8, 8),
+        integer_problem(9, 7, ties=(("l0", "l5"),)),
+    ],
+    ids=["float", "float-ties", "integer", "integer-ties"],
+)
+def test_dp_front_equals_brute_force_front(problem: BitAllocationProblem) -> None:
     size, cost = _brute_front(brute_force(problem))
     front = pareto_front_dp(problem)
     assert len(front) == len(size)
@@ -182,6 +224,11 @@ def test_front_is_monotone_and_default_budgets() -> None:
 
 
 def test_degenerate_budgets() -> None:
+    for seed in range(3):  # integer costs: many exact ties, the optimum still matches brute force
+        small = integer_problem(20 + seed, 6)
+        bf = brute_force(small)
+        for omega in (2.0, 3.4, 5.5, 7.0, 8.0):
+            assert solve_ilp(small, omega).cost == brute_optimum(bf, small.total_params, omega)
     problem = make_problem(13, 6)
     assert solve_ilp(problem, 8.0).config == dict.fromkeys(problem.layers, 8)
     assert solve_ilp(problem, 11.0).config == dict.fromkeys(problem.layers, 8)
