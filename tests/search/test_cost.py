@@ -138,7 +138,7 @@ def test_quantization_error_matrix_matches_numpy_double_rounding(high_bits: int,
         for j, b in enumerate(bits):
             w_np = w.numpy().astype(np.float64)
             ref = np.sum((_np_double_round(w.numpy(), s.numpy(), high_bits, b).astype(np.float64) - w_np) ** 2)
-            assert got[i, j] == pytest.approx(ref, rel=1e-10)
+            assert got[i, j] == pytest.approx(ref, rel=1e-10, abs=0)
     # lower precision never gives a smaller error on Gaussian weights (sanity, not the oracle)
     assert np.all(np.diff(got[0]) >= 0)
 
@@ -177,7 +177,7 @@ def test_paper_cost_is_trace_over_bits() -> None:
     got = paper_cost(traces, bits)
     for i, t in enumerate(traces):
         for j, b in enumerate(bits):
-            assert got[i, j] == pytest.approx(max(t, 0.0) / b, rel=1e-15)
+            assert got[i, j] == pytest.approx(max(t, 0.0) / b, rel=1e-15, abs=0)
     assert np.all(np.argmin(got[[0, 2]], axis=1) == 0)  # minimized: more bits for a positive trace
 
 
@@ -185,7 +185,7 @@ def test_average_bits() -> None:
     params = {"a": 100, "b": 300, "c": 600, "fp_head": 10}
     config = {"a": 8, "b": 4, "c": 2}
     expected = (100 * 8 + 300 * 4 + 600 * 2) / (100 + 300 + 600)
-    assert average_bits(config, params) == pytest.approx(expected, rel=1e-15)
+    assert average_bits(config, params) == pytest.approx(expected, rel=1e-15, abs=0)
     with pytest.raises(ValueError, match=r"params has no entry for layers \['d'\]"):
         average_bits({**config, "d": 4}, params)
     with pytest.raises(ValueError, match="config is empty"):

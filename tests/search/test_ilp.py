@@ -80,15 +80,15 @@ def check_allocation(problem: BitAllocationProblem, alloc: Allocation, omega: fl
     assert list(alloc.config) == list(problem.layers)
     assert all(b in problem.bits for b in alloc.config.values())
     params = dict(zip(problem.layers, problem.params, strict=True))
-    assert alloc.avg_bits == pytest.approx(average_bits(alloc.config, params), rel=1e-12)
+    assert alloc.avg_bits == pytest.approx(average_bits(alloc.config, params), rel=1e-12, abs=0)
     size = sum(n * alloc.config[name] for name, n in params.items())
     assert size <= omega * problem.total_params + 1e-6
     for a, b in problem.ties:
         assert alloc.config[a] == alloc.config[b]
     j = [problem.bits.index(alloc.config[name]) for name in problem.layers]
-    assert alloc.cost == pytest.approx(float(problem.cost[np.arange(len(j)), j].sum()), rel=1e-12)
+    assert alloc.cost == pytest.approx(float(problem.cost[np.arange(len(j)), j].sum()), rel=1e-12, abs=0)
     if problem.bops is not None:
-        assert alloc.bops == pytest.approx(float(problem.bops[np.arange(len(j)), j].sum()), rel=1e-12)
+        assert alloc.bops == pytest.approx(float(problem.bops[np.arange(len(j)), j].sum()), rel=1e-12, abs=0)
         if max_bops is not None:
             assert alloc.bops <= max_bops * (1 + 1e-9)
 
@@ -111,7 +111,7 @@ def test_ilp_equals_brute_force(seed: int, num_layers: int) -> None:
     for omega in budgets:
         alloc = solve_ilp(problem, omega)
         check_allocation(problem, alloc, omega)
-        assert alloc.cost == pytest.approx(brute_optimum(bf, problem.total_params, omega), rel=1e-9), omega
+        assert alloc.cost == pytest.approx(brute_optimum(bf, problem.total_params, omega), rel=1e-9, abs=0), omega
 
 
 @pytest.mark.parametrize("omega", [3.3081335686547906, 2.815264550195524])
@@ -120,7 +120,7 @@ def test_ilp_resolves_near_optimal_rivals(omega: float) -> None:
     configuration ~5e-9 (relative) worse than the optimum at these budgets."""
     problem = make_problem(246, 8)
     best = brute_optimum(brute_force(problem), problem.total_params, omega)
-    assert solve_ilp(problem, omega).cost == pytest.approx(best, rel=1e-9)
+    assert solve_ilp(problem, omega).cost == pytest.approx(best, rel=1e-9, abs=0)
 
 
 def integer_problem(seed: int, num_layers: int, ties: tuple[tuple[str, str], ...] = ()) -> BitAllocationProblem:
@@ -144,7 +144,7 @@ def test_ilp_with_ties_bops_and_fixed_equals_brute_force(seed: int) -> None:
             continue
         alloc = solve_ilp(problem, omega, max_bops=max_bops)
         check_allocation(problem, alloc, omega, max_bops)
-        assert alloc.cost == pytest.approx(brute_optimum(bf, problem.total_params, omega, max_bops), rel=1e-9)
+        assert alloc.cost == pytest.approx(brute_optimum(bf, problem.total_params, omega, max_bops), rel=1e-9, abs=0)
     omegas = [3.0, 4.5, 6.0]
     max_bops = lo + 0.3 * (hi - lo)
     swept = pareto_front(problem, omegas, method="ilp", max_bops=max_bops)
@@ -152,14 +152,14 @@ def test_ilp_with_ties_bops_and_fixed_equals_brute_force(seed: int) -> None:
     for alloc in swept:
         check_allocation(problem, alloc, alloc.avg_bits, max_bops)
     best = [brute_optimum(bf, problem.total_params, w, max_bops) for w in omegas]
-    assert _distinct([a.cost for a in swept]) == pytest.approx(_distinct(best), rel=1e-9)
+    assert _distinct([a.cost for a in swept]) == pytest.approx(_distinct(best), rel=1e-9, abs=0)
     fixed = {"block4.conv": 2, "block1.conv": 8}
     bf_fixed = brute_force(problem, fixed)
     omega = float(bf_fixed["size"].min() + bf_fixed["size"].max()) / 2 / problem.total_params
     alloc = solve_ilp(problem, omega, fixed=fixed)
     check_allocation(problem, alloc, omega)
     assert alloc.config["block4.conv"] == 2 and alloc.config["block2.conv"] == 8  # pin follows the tie
-    assert alloc.cost == pytest.approx(brute_optimum(bf_fixed, problem.total_params, omega), rel=1e-9)
+    assert alloc.cost == pytest.approx(brute_optimum(bf_fixed, problem.total_params, omega), rel=1e-9, abs=0)
 
 
 def _brute_front(bf: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -204,8 +204,8 @@ def test_dp_front_equals_ilp_at_many_budgets() -> None:
         best_dp = min(a.cost for a in front if a.avg_bits <= omega + 1e-12)
         ilp = solve_ilp(problem, omega)
         check_allocation(problem, ilp, omega)
-        assert ilp.cost == pytest.approx(best_dp, rel=1e-9), omega
-    assert [a.cost for a in by_dp] == pytest.approx([a.cost for a in by_ilp], rel=1e-9)
+        assert ilp.cost == pytest.approx(best_dp, rel=1e-9, abs=0), omega
+    assert [a.cost for a in by_dp] == pytest.approx([a.cost for a in by_ilp], rel=1e-9, abs=0)
 
 
 def test_front_is_monotone_and_default_budgets() -> None:
@@ -220,7 +220,7 @@ def test_front_is_monotone_and_default_budgets() -> None:
     assert [a.avg_bits for a in default] == sorted(a.avg_bits for a in default)
     assert np.all(np.diff([a.cost for a in default]) < 0)
     assert default[0].config == dict.fromkeys(problem.layers, 2)
-    assert default[-1].cost == pytest.approx(float(problem.cost.min(axis=1).sum()), rel=1e-12)
+    assert default[-1].cost == pytest.approx(float(problem.cost.min(axis=1).sum()), rel=1e-12, abs=0)
 
 
 def test_degenerate_budgets() -> None:
@@ -335,4 +335,4 @@ def test_resnet50_sized_front_is_fast_and_exact() -> None:
     assert np.all(np.diff(avg) > 0) and np.all(np.diff([a.cost for a in front]) < 0)
     for omega in (2.6, 4.1, 6.3):
         best = max((a for a in front if a.avg_bits <= omega), key=lambda a: a.avg_bits)
-        assert solve_ilp(problem, omega).cost == pytest.approx(best.cost, rel=1e-9)
+        assert solve_ilp(problem, omega).cost == pytest.approx(best.cost, rel=1e-9, abs=0)
