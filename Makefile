@@ -32,10 +32,10 @@ format: setup ## apply ruff format and autofixes
 	$(RUN) ruff format lightning_dbq tests experiments
 
 test: lint ## lint, then the test suite (slow tests excluded)
-	$(RUN) pytest -m "not slow" $(PYTEST_ARGS)
+	$(RUN) pytest -m "not slow" -n 2 $(PYTEST_ARGS)
 
 test-fast: setup ## the test suite without lint
-	$(RUN) pytest -m "not slow" $(PYTEST_ARGS)
+	$(RUN) pytest -m "not slow" -n 2 $(PYTEST_ARGS)
 
 test-slow: setup ## only the slow tests (minutes)
 	$(RUN) pytest -m slow $(PYTEST_ARGS)

@@ -42,7 +42,9 @@ def _fit(callbacks: list, tmp_path: Path, epochs: int = 3, ckpt: Path | None = N
     trainer = pl.Trainer(accelerator="cpu", strategy="dbq", max_epochs=epochs, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
                          callbacks=callbacks)  # fmt: skip
-    trainer.fit(module, SyntheticDataModule(num_samples=160, num_classes=4, image_size=8, batch_size=16), ckpt_path=ckpt)
+    trainer.fit(
+        module, SyntheticDataModule(num_samples=160, num_classes=4, image_size=8, batch_size=16), ckpt_path=ckpt
+    )
     return module
 
 
