@@ -69,9 +69,11 @@ def test_dbq_search_cli_on_an_artifact(trained, tmp_path: Path) -> None:
     model(torch.randn(8, 3, 8, 8))
     art = dbq.save_int(model.eval(), tmp_path / "r20.dbq.safetensors")
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("search", overrides=[f"checkpoint={art}", "data=synthetic", "data.image_size=8",
-                                           "data.num_samples=128", "hessian.num_images=32", "hessian.min_samples=4", "hessian.max_samples=4",
-                                           "budgets=[2,4,6,8]"])  # fmt: skip
+        overrides = [
+            f"checkpoint={art}", "data=synthetic", "data.image_size=8", "data.num_samples=128",
+            "hessian.num_images=32", "hessian.min_samples=4", "hessian.max_samples=4", "budgets=[2,4,6,8]",
+        ]  # fmt: skip
+        cfg = compose("search", overrides=overrides)
     rows = search(cfg, str(tmp_path / "out"))
     saved = json.loads((tmp_path / "out" / "pareto.json").read_text())
     assert saved == rows and len(rows) >= 3
