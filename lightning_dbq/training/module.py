@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -88,9 +89,13 @@ class DBQModule(pl.LightningModule):
         out_features = getattr(net, "num_classes", None)
         if isinstance(out_features, int) and out_features != num_classes:
             raise ValueError(f"model has num_classes={out_features} but num_classes={num_classes} was given")
-        if init_checkpoint:
-            _load_init(net, init_checkpoint)
+        init_state = _read_state(init_checkpoint) if init_checkpoint else None
+        quantized_init = init_state is not None and any(".weight_quant." in k for k in init_state)
+        if init_state is not None and not quantized_init:
+            _load_into(net, init_state, str(init_checkpoint))  # FP32 weights, before preparation
         self.model = prepare(net, bits, **dict(quant or {}))
+        if init_state is not None and quantized_init:  # a multi-precision checkpoint (e.g. before HASB)
+            _load_into(self.model, _per_bit_to_transitional(init_state, self.model.state_dict()), str(init_checkpoint))
         self.dbq_state = BitLoopState(model=self.model, bits=bits, algorithm=algorithm, alrs=alrs,
                                       alrs_act_scales=alrs_act_scales, kd=kd)  # fmt: skip
         self.val_metrics = PerBitMetrics(bits, num_classes)
@@ -183,13 +188,34 @@ class DBQModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def _load_init(net: nn.Module, path: str) -> None:
-    """Load FP weights (a Lightning checkpoint of a module with ``model.`` prefix, or a raw state dict)."""
+def _read_state(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from a Lightning checkpoint of a module holding ``model`` (prefix stripped) or a raw one."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     state = ckpt.get("state_dict", ckpt)
     if any(k.startswith("model.") for k in state):
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    return dict(state)
+
+
+def _per_bit_to_transitional(state: dict[str, torch.Tensor], target: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Map PerBitNorm keys ``X.norms.{b}.*`` onto TransitionalNorm keys ``X.norms.{p}_{b}.*`` (every p)."""
+    out = dict(state)
+    for key in target:
+        if key in out:
+            continue
+        m = re.match(r"(.*)\.norms\.(\d+)_(\d+)\.(.*)$", key)
+        if m and f"{m.group(1)}.norms.{m.group(3)}.{m.group(4)}" in state:
+            out[key] = state[f"{m.group(1)}.norms.{m.group(3)}.{m.group(4)}"]
+    for key in [k for k in out if k not in target and re.search(r"\.norms\.\d+\.", k)]:
+        del out[key]
+    return out
+
+
+def _load_into(net: nn.Module, state: Mapping[str, torch.Tensor], path: str) -> None:
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"init_checkpoint={path!r} does not match the model: {e}") from e
     if unexpected or missing:
         raise ValueError(
             f"init_checkpoint={path!r} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"

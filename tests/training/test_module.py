@@ -105,3 +105,24 @@ def test_invalid_arguments() -> None:
         DBQModule(TinyNet(num_classes=4), num_classes=10)
     with pytest.raises(ValueError, match="optimizer must be one of"):
         DBQModule(TinyNet(), num_classes=4, optimizer="lion")
+
+
+def test_init_from_multi_precision_checkpoint_into_transitional_norms(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    multi = DBQModule(TinyNet(), num_classes=4, bits=[8, 4, 2])
+    multi.model(torch.randn(8, 3, 8, 8))  # initialise activation scales
+    path = tmp_path / "multi.ckpt"
+    torch.save({"state_dict": multi.state_dict()}, path)
+    mixed = DBQModule(TinyNet(), num_classes=4, bits=[8, 4, 2], quant={"transitional_norm": True},
+                      init_checkpoint=str(path))  # fmt: skip
+    x = torch.randn(4, 3, 8, 8)
+    multi.eval()
+    mixed.eval()
+    for b in (8, 4, 2):  # uniform configs: transitional (b, b) norms equal the per-bit ones
+        dbq.set_bits(multi.model, b)
+        dbq.set_bits(mixed.model, b)
+        assert torch.equal(multi(x), mixed(x))
+    fp = tmp_path / "fp.pt"
+    torch.save(TinyNet(num_classes=5).state_dict(), fp)
+    with pytest.raises(ValueError, match="does not match the model"):
+        DBQModule(TinyNet(), num_classes=4, init_checkpoint=str(fp))
