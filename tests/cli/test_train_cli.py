@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
@@ -61,6 +62,8 @@ def test_train_writes_results_json_artifact_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / results["checkpoint"]).is_file()
     assert (tmp_path / "per_bit_accuracy.png").stat().st_size > 1000
     assert metrics["val/acc_w8a8"] == pytest.approx(results["val"]["w8a8"]["acc"])
+    ckpt = torch.load(tmp_path / results["checkpoint"], map_location="cpu", weights_only=True)  # no OmegaConf inside
+    assert ckpt["hyper_parameters"]["bits"] == [8, 4, 2]
 
 
 @pytest.mark.parametrize(

@@ -169,3 +169,17 @@ def test_unknown_algorithm_or_alrs_mode() -> None:
         DBQModule(TinyNet(), num_classes=4, bits=[8, 2], algorithm="A3")
     with pytest.raises(ValueError, match="alrs must be one of"):
         DBQModule(TinyNet(), num_classes=4, bits=[8, 2], alrs="sometimes")
+
+
+def test_progressive_kd_uses_the_previous_bits_detached_logits() -> None:
+    seen: list[tuple[int, bool]] = []
+
+    class Spy(DBQModule):
+        def training_step(self, batch, batch_idx):
+            seen.append((self.dbq_state.active_bits, self.dbq_state.teacher_logits is not None))
+            return super().training_step(batch, batch_idx)
+
+    module = Spy(TinyNet(), num_classes=4, bits=[8, 4, 2], kd=True)
+    _trainer(strategy="dbq", limit_train_batches=2).fit(module, _dm())
+    # highest bit has no teacher; every lower bit learns from the bit before it; reset between batches
+    assert seen == [(8, False), (4, True), (2, True)] * 2
