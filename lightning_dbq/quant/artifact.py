@@ -94,6 +94,9 @@ def save_int(
         if not isinstance(m, DBQLayer):
             continue
         key = f"{name}.weight" if name else "weight"
+        if spec.weight_mode == "unshared":  # baseline "Ours*": no shared codes, FP32 weights stay in `state`
+            layers.append({"name": name, "shape": list(m.weight.shape), "numel": m.weight.numel(), "storage_bits": 32})
+            continue
         codes = m.weight_quant.codes(m.weight.detach()).cpu()
         tensors[_CODES_PREFIX + key] = pack_codes(codes, spec.high_bits).contiguous()
         coded.add(key)
@@ -206,6 +209,8 @@ def load_int(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn
     prepare(model, **spec.to_dict())
     state: dict[str, torch.Tensor] = {k: v for k, v in tensors.items() if not k.startswith(_CODES_PREFIX)}
     for layer in manifest["layers"]:
+        if layer["storage_bits"] == 32:
+            continue
         name = layer["name"]
         key = f"{name}.weight" if name else "weight"
         codes = unpack_codes(tensors[_CODES_PREFIX + key], spec.high_bits, layer["numel"]).reshape(layer["shape"])

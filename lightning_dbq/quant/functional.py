@@ -26,6 +26,7 @@ __all__ = [
     "MIN_BITS",
     "double_round_codes",
     "double_round_fake",
+    "floor_nest_fake",
     "grad_scale",
     "lsq_fake",
     "lsq_grad_scale",
@@ -150,6 +151,27 @@ def double_round_fake(w: Tensor, scale: Tensor, high_bits: int, bits: int, g: fl
     # gradient masks are exactly the strict-inside / clipped branches of the formula above.
     v = torch.clamp(w.float() / s, lo_l * step, hi_l * step)
     q_l = ste_round_half_up(ste_round_half_up(v) / step)
+    return (q_l * (step * s)).to(w.dtype)
+
+
+def ste_floor(x: Tensor) -> Tensor:
+    """``floor`` in the forward pass, identity gradient."""
+    return x + (torch.floor(x) - x).detach()
+
+
+def floor_nest_fake(w: Tensor, scale: Tensor, high_bits: int, bits: int, g: float = 1.0) -> Tensor:
+    """Floor nesting baseline (AdaBits-style): ``q_l = q_h >> k`` (floor), ``Ŵ_l = q_l · 2^k · s_h``.
+
+    Same storage as Double Rounding (one ``h``-bit code per weight); the lower bits truncate instead of rounding,
+    so ``Ŵ_l`` is biased towards −∞ by up to one ``l``-bit step. STE through both roundings; clip at the ``h``-bit
+    range (the shifted code never leaves the ``l``-bit range).
+    """
+    k = _check_bits(high_bits, bits)
+    step = float(1 << k)
+    lo_h, hi_h = qrange(high_bits, signed=True)
+    s = grad_scale(scale.float(), g)
+    v = torch.clamp(w.float() / s, lo_h, hi_h)
+    q_l = ste_floor(ste_round_half_up(v) / step)
     return (q_l * (step * s)).to(w.dtype)
 
 

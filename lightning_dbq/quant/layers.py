@@ -111,7 +111,11 @@ def is_quant_layer(module: nn.Module) -> bool:
 
 
 def make_quant_layer(
-    module: nn.Module, bits: Sequence[int], per_channel: bool = False, quantize_input: bool = True
+    module: nn.Module,
+    bits: Sequence[int],
+    per_channel: bool = False,
+    quantize_input: bool = True,
+    weight_mode: str = "double_round",
 ) -> nn.Module:
     """Turn ``module`` into a bit-switchable layer in place and return it.
 
@@ -120,6 +124,7 @@ def make_quant_layer(
         bits: candidate bits (already validated).
         per_channel: per-output-channel weight scales.
         quantize_input: add a per-bit activation quantizer on the layer's input.
+        weight_mode: ``"double_round"`` | ``"floor"`` | ``"unshared"`` (see :class:`WeightQuantizer`).
 
     Raises:
         TypeError: when the module type is not supported.
@@ -129,7 +134,7 @@ def make_quant_layer(
         raise TypeError(f"cannot quantize module of type {type(module).__name__}; supported: {_allowed_types()}")
     base = type(module)
     weight: Tensor = module.weight  # type: ignore[assignment]
-    module.weight_quant = WeightQuantizer(weight, bits, per_channel=per_channel)
+    module.weight_quant = WeightQuantizer(weight, bits, per_channel=per_channel, mode=weight_mode)
     module.add_module("act_quant", ActQuantizer(bits) if quantize_input else None)
     module.__class__ = _quant_class(base)
     object.__setattr__(module, "_dbq_base", base)

@@ -111,6 +111,7 @@ def prepare(
     per_bit_norm: bool = True,
     skip: Sequence[str] = (),
     transitional_norm: bool = False,
+    weight_mode: str = "double_round",
 ) -> nn.Module:
     """Make ``model`` bit-switchable in place (and return it). Idempotent.
 
@@ -131,6 +132,7 @@ def prepare(
         skip: fnmatch patterns (e.g. ``"*.downsample.*"``) of layer names to keep floating point.
         transitional_norm: mixed precision: each norm has a copy per (previous quantized layer's bits, owner's
             bits) instead of per bit (:class:`~lightning_dbq.quant.norm.TransitionalNorm`).
+        weight_mode: ``"double_round"`` (the method) or the baselines ``"floor"`` / ``"unshared"``.
 
     Returns:
         The same model object.
@@ -148,6 +150,7 @@ def prepare(
         per_bit_norm=per_bit_norm,
         skip=tuple(skip),
         transitional_norm=transitional_norm,
+        weight_mode=weight_mode,
     )
     if transitional_norm and not per_bit_norm:
         raise ValueError("transitional_norm=True needs per_bit_norm=True")
@@ -182,7 +185,10 @@ def prepare(
         elif per_bit_norm and isinstance(module, _BatchNorm) and last_weight in target_set:
             owners[name] = last_weight  # type: ignore[assignment]
     for name in targets:
-        make_quant_layer(model.get_submodule(name), spec.bits, per_channel=per_channel, quantize_input=quantize_acts)
+        make_quant_layer(
+            model.get_submodule(name), spec.bits, per_channel=per_channel, quantize_input=quantize_acts,
+            weight_mode=weight_mode,
+        )  # fmt: skip
     order = {n: i for i, n in enumerate(targets)}
     for name, owner in owners.items():
         norm = model.get_submodule(name)

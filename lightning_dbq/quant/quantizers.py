@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from lightning_dbq.quant.functional import (
     double_round_codes,
     double_round_fake,
+    floor_nest_fake,
     lsq_fake,
     lsq_grad_scale,
     qrange,
@@ -46,51 +47,74 @@ class WeightQuantizer(nn.Module):
     ``s_h = 2·mean|W| / sqrt(Q_P(l_min)) / 2^(h − l_min)``. The LSQ gradient scale uses ``N`` = number of weights
     sharing one scale and ``Q_P(h)``.
 
+    Baselines (``mode``): ``"floor"`` nests by truncation (``q_h >> k``) from the same shared scale;
+    ``"unshared"`` keeps one LSQ scale per bit (``scales``), initialised with LSQ's rule at each bit, and needs
+    FP32 weight storage.
+
     Args:
         weight: the layer's weight, used for the initial scale and the shape of a per-channel scale.
         bits: candidate bits (validated by the caller), any order.
         per_channel: one scale per output channel (dim 0) instead of one per tensor.
+        mode: ``"double_round"`` (default), ``"floor"`` or ``"unshared"``.
     """
 
-    def __init__(self, weight: Tensor, bits: Sequence[int], per_channel: bool = False) -> None:
+    def __init__(
+        self, weight: Tensor, bits: Sequence[int], per_channel: bool = False, mode: str = "double_round"
+    ) -> None:
         super().__init__()
+        if mode not in ("double_round", "floor", "unshared"):
+            raise ValueError(f"mode must be 'double_round', 'floor' or 'unshared', got {mode!r}")
         self.bits: tuple[int, ...] = tuple(sorted(bits, reverse=True))
         self.high_bits: int = self.bits[0]
         self.active_bits: int = self.high_bits
         self.enabled: bool = True
         self.per_channel = per_channel
-        self.scale = nn.Parameter(self._init_scale(weight.detach()))
+        self.mode = mode
+        w = weight.detach()
+        if mode == "unshared":
+            self.scales = nn.ParameterDict({str(b): nn.Parameter(self._lsq_init(w, b)) for b in self.bits})
+        else:
+            low = self.bits[-1]
+            self.scale = nn.Parameter(self._lsq_init(w, low) / float(1 << (self.high_bits - low)))
 
-    def _init_scale(self, w: Tensor) -> Tensor:
-        low = self.bits[-1]
-        _, q_p_low = qrange(low, signed=True)
+    def _lsq_init(self, w: Tensor, bits: int) -> Tensor:
+        """``2·mean|W| / sqrt(Q_P(bits))`` (per tensor or per output channel)."""
         if self.per_channel:
             mean_abs = w.abs().float().reshape(w.shape[0], -1).mean(dim=1)
             mean_abs = mean_abs.reshape((w.shape[0],) + (1,) * (w.dim() - 1))
         else:
             mean_abs = w.abs().float().mean()
-        s = 2.0 * mean_abs / math.sqrt(q_p_low) / float(1 << (self.high_bits - low))
-        return s.clamp_min(1e-6)
+        return (2.0 * mean_abs / math.sqrt(qrange(bits, signed=True)[1])).clamp_min(1e-6)
 
     def effective_scale(self) -> Tensor:
-        """The positive scale ``|p| + eps`` actually used."""
+        """The positive scale ``|p| + eps`` actually used (the active bit's in ``"unshared"`` mode)."""
+        if self.mode == "unshared":
+            return _positive(self.scales[str(self.active_bits)])
         return _positive(self.scale)
 
     def forward(self, w: Tensor) -> Tensor:
         """Fake-quantize ``w`` at :attr:`active_bits` (identity when disabled)."""
         if not self.enabled:
             return w
-        n = w.numel() // self.scale.numel()
+        s = self.effective_scale()
+        n = w.numel() // s.numel()
+        if self.mode == "unshared":
+            g = lsq_grad_scale(n, qrange(self.active_bits, signed=True)[1])
+            return lsq_fake(w, s, self.active_bits, signed=True, g=g)
         g = lsq_grad_scale(n, qrange(self.high_bits, signed=True)[1])
-        return double_round_fake(w, self.effective_scale(), self.high_bits, self.active_bits, g)
+        if self.mode == "floor":
+            return floor_nest_fake(w, s, self.high_bits, self.active_bits, g)
+        return double_round_fake(w, s, self.high_bits, self.active_bits, g)
 
     def codes(self, w: Tensor) -> Tensor:
-        """The stored ``h``-bit integer codes of ``w`` as int8."""
+        """The stored ``h``-bit integer codes of ``w`` as int8 (shared-scale modes only)."""
+        if self.mode == "unshared":
+            raise ValueError("weight_mode='unshared' has no shared integer codes (FP32 storage)")
         q_h, _ = double_round_codes(w, self.effective_scale().detach(), self.high_bits, self.high_bits)
         return q_h.to(torch.int8)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, active_bits={self.active_bits}, per_channel={self.per_channel}"
+        return f"bits={self.bits}, active_bits={self.active_bits}, per_channel={self.per_channel}, mode={self.mode!r}"
 
 
 class ActQuantizer(nn.Module):

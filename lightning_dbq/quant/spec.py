@@ -9,7 +9,9 @@ from typing import Any
 
 from lightning_dbq.quant.functional import MAX_BITS, MIN_BITS
 
-__all__ = ["QuantSpec", "validate_bits"]
+__all__ = ["WEIGHT_MODES", "QuantSpec", "validate_bits"]
+
+WEIGHT_MODES = ("double_round", "floor", "unshared")
 
 
 def validate_bits(bits: Any, name: str = "bits") -> tuple[int, ...]:
@@ -56,6 +58,8 @@ class QuantSpec:
         skip: fnmatch patterns of layer names to keep in floating point.
         transitional_norm: norms keyed by (previous layer bits, layer bits) for mixed precision (needs
             ``per_bit_norm``).
+        weight_mode: ``"double_round"`` (the method), or a baseline: ``"floor"`` (floor nesting ``q_h >> k``,
+            AdaBits-style) or ``"unshared"`` (one LSQ scale per bit, FP32 storage: the paper's "Ours*").
     """
 
     bits: tuple[int, ...] = (8, 6, 4, 2)
@@ -66,12 +70,15 @@ class QuantSpec:
     per_bit_norm: bool = True
     skip: tuple[str, ...] = field(default_factory=tuple)
     transitional_norm: bool = False
+    weight_mode: str = "double_round"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", validate_bits(self.bits))
         if isinstance(self.skip, str):
             raise TypeError(f"`skip` must be a list of name patterns, got the string {self.skip!r}")
         object.__setattr__(self, "skip", tuple(str(s) for s in self.skip))
+        if self.weight_mode not in WEIGHT_MODES:
+            raise ValueError(f"`weight_mode` must be one of {WEIGHT_MODES}, got {self.weight_mode!r}")
 
     @property
     def high_bits(self) -> int:

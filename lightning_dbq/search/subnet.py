@@ -52,6 +52,8 @@ def build_problem(
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
     spec = get_spec(model)
+    if spec.weight_mode != "double_round":
+        raise ValueError(f"SubNet search supports weight_mode='double_round' only, got {spec.weight_mode!r}")
     infos = quantized_layers(model)
     names = [i.name for i in infos]
     missing = [n for n in names if n not in traces]

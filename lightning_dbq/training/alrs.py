@@ -66,8 +66,9 @@ def _classify(model: nn.Module) -> tuple[dict[int, str], dict[int, str]]:
     m: Any
     for name, m in model.named_modules():
         if is_quant_layer(m):
-            kinds[id(m.weight_quant.scale)] = "weight_scales"
-            layer_of[id(m.weight_quant.scale)] = name
+            for p in m.weight_quant.parameters():
+                kinds[id(p)] = "weight_scales"
+                layer_of[id(p)] = name
             if m.act_quant is not None:
                 for p in m.act_quant.parameters():
                     kinds[id(p)] = "act_scales"
@@ -100,9 +101,12 @@ def param_groups(
             buckets["weights" if kinds.get(id(p), "weights") == "norms" else kinds.get(id(p), "weights")].append(p)
     s_lr = lr if scale_lr is None else scale_lr
     groups = [{"params": buckets["weights"], "lr": lr, "weight_decay": weight_decay, GROUP_KEY: "weights"}]
+    per_layer: dict[str, list[nn.Parameter]] = {}
     for p in buckets["weight_scales"]:
-        groups.append({"params": [p], "lr": s_lr, "weight_decay": scale_weight_decay, GROUP_KEY: "weight_scales",
-                       LAYER_KEY: layer_of[id(p)]})  # fmt: skip
+        per_layer.setdefault(layer_of[id(p)], []).append(p)
+    for layer, ps in per_layer.items():
+        groups.append({"params": ps, "lr": s_lr, "weight_decay": scale_weight_decay, GROUP_KEY: "weight_scales",
+                       LAYER_KEY: layer})  # fmt: skip
     if buckets["act_scales"]:
         groups.append({"params": buckets["act_scales"], "lr": s_lr, "weight_decay": scale_weight_decay,
                        GROUP_KEY: "act_scales"})  # fmt: skip
