@@ -1,0 +1,145 @@
+"""Write ``bench.json`` and the benchmark table block of ``experiments/README.md`` (only between its markers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from experiments.bench.common import BenchResult, fmt
+
+__all__ = ["README_END", "README_START", "device_name", "merge_json", "render_block", "write_readme_block"]
+
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+_INTRO = """# Experiments
+
+Committed evidence for `lightning_dbq`: performance benchmarks (below) and, as they land, the CIFAR-10 study.
+Every number in the tables comes from a committed JSON file under `experiments/results/`, written by the committed
+scripts named next to it.
+"""
+
+_HOW = {
+    "P1": "one fwd+bwd+Adam step at w4a4 ({8,6,4,2} model) vs the FP32 model, same batch; median of interleaved runs",
+    "P2": "Lightning `DBQModule` epochs: bits=[8,6,4,2] vs four bits=[b] runs, CIFAR-10 JPEG subset",
+    "P3": "`set_bits` on a `load_int`-ed resnet50 vs one `inference_mode` forward (1x3x224x224)",
+    "P4": "`save_int` file size vs FP32 `state_dict` tensor bytes",
+    "P5": "time to 5% rel. SE on every layer, extrapolated from measured per-sample time and variance",
+    "P6": "`pareto_front_dp` wall-clock, median",
+}
+
+
+def device_name() -> str:
+    """CPU model name (``/proc/cpuinfo``) or ``platform.processor()``, with the core count."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {name} ({os.cpu_count()} cores, shared)"
+
+
+def merge_json(path: Path, results: list[BenchResult], explorations: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """Update ``path`` with ``results`` (other entries kept: ``--only`` refreshes a subset); atomic write."""
+    data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    data.update(
+        {
+            "device": device_name(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "command": "make bench  (= uv run python -m experiments.bench.run_all)",
+        }
+    )
+    data.setdefault("results", {}).update({r.key: r.to_json() for r in results})
+    data["results"] = dict(sorted(data["results"].items()))
+    for r in results:
+        data["results"][r.key]["quick"] = quick
+    if explorations:
+        data.setdefault("explorations", {}).update(explorations)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    return data
+
+
+def _value(entry: dict[str, Any]) -> str:
+    return f"{fmt(entry['value'])} s" if entry.get("unit") == "s" else f"{fmt(entry['value'])}x"
+
+
+def _kernels_table(kernels: dict[str, Any]) -> list[str]:
+    rows = [
+        "",
+        "P1 follow-up, fake-quant kernels (no target; `experiments/bench/p1_kernels.py`): step time / FP32 step, "
+        "same run. `dbq_fused` = one `autograd.Function` per quantizer (eager), `dbq_compiled` = the library's "
+        "`lsq_fake`/`double_round_fake` under `torch.compile(dynamic=True)`; both patched in the benchmark process "
+        "only.",
+        "",
+        "| model | batch | dbq (library) | dbq_fused | dbq_compiled | LSQ reference | compile warm-up (4 bits) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, d in kernels.items():
+        r = d["over_fp32"]
+        rows.append(
+            f"| {name} | {d['batch']} | {fmt(r['dbq'])}x | {fmt(r['dbq_fused'])}x | {fmt(r['dbq_compiled'])}x | "
+            f"{fmt(r['lsq'])}x | {fmt(d['compile_warmup_s_4_bits'])} s |"
+        )
+    return rows
+
+
+def render_block(data: dict[str, Any]) -> str:
+    """The markdown table of ``bench.json`` (between the markers)."""
+    lines = [
+        README_START,
+        "## Performance benchmarks (P1-P6)",
+        "",
+        f"Re-run: `make bench` (full, ~20 min) or `uv run python -m experiments.bench.run_all --only P3,P4`; "
+        f"`--quick` is a smoke run that writes nothing. Results: `experiments/results/bench.json`; scripts: "
+        f"`experiments/bench/`. {data['device']}, torch {data['torch']}, {data['threads']} thread; ratios are "
+        "measured within one run (variants interleaved, warm-up, median of repeats).",
+        "",
+        "| benchmark | measured | target | met | how |",
+        "|---|---|---|---|---|",
+    ]
+    for key, e in data["results"].items():
+        how = _HOW.get(key.split("_")[0], "")
+        met = "yes" if e["met"] else "**no**"
+        quick = " (quick run)" if e.get("quick") else ""
+        lines.append(f"| {e['title']}{quick} | {_value(e)} | {e['target']} | {met} | {how} |")
+    p1 = {k: e for k, e in data["results"].items() if k.startswith("P1_")}
+    if p1:
+        refs = ", ".join(
+            f"{e['details']['model']} {fmt(e['details']['lsq_reference_over_fp32'])}x" for e in p1.values()
+        )
+        src = "`experiments/bench/lsq_reference.py`"
+        lines += ["", f"P1 reference: the hand-written single-bit LSQ ({src}) step costs {refs} of the FP32 step."]
+    if "P1_kernels" in data.get("explorations", {}):
+        lines += _kernels_table(data["explorations"]["P1_kernels"])
+    notes = [f"- {k}: {e['details']['why']}" for k, e in data["results"].items() if "why" in e["details"]]
+    if notes:
+        lines += ["", *notes]
+    lines.append(README_END)
+    return "\n".join(lines)
+
+
+def write_readme_block(path: Path, data: dict[str, Any]) -> None:
+    """Replace the block between the markers (append it, or create the file with a short intro, if missing)."""
+    block = render_block(data)
+    text = path.read_text() if path.is_file() else _INTRO
+    if README_START in text and README_END in text:
+        head, rest = text.split(README_START, 1)
+        tail = rest.split(README_END, 1)[1]
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
