@@ -7,7 +7,7 @@ callbacks' ``state_dict`` (DESIGN.md section 3).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
@@ -55,7 +55,6 @@ class BitLoopState:
     teacher_logits: Tensor | None = None
     backward_calls: int = 0
     checked: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
