@@ -10,6 +10,7 @@ from lightning_dbq.training.loop import run_bit_loop
 from lightning_dbq.training.module import DBQModule
 from lightning_dbq.training.state import BitLoopState
 from lightning_dbq.training.strategy import BitSwitchDDPStrategy, BitSwitchSingleDeviceStrategy
+from lightning_dbq.training.sync import TimmSyncBatchNorm
 
 __all__ = [
     "BitLoopState",
@@ -18,6 +19,7 @@ __all__ = [
     "DBQModule",
     "DBQReport",
     "DoubleRoundingQAT",
+    "TimmSyncBatchNorm",
     "alrs_factor",
     "param_groups",
     "run_bit_loop",
