@@ -150,8 +150,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             fp_out = RUNS / ("smoke" if args.smoke else "") / arm.extra.get("init_from", "fp32")
             init = next(iter(sorted(fp_out.glob("*.ckpt")) + sorted(fp_out.glob("checkpoints/last.ckpt"))), None)
-            if init is None:
-                raise SystemExit(f"arm {name} needs {fp_out.name} first (no checkpoint in {fp_out})")
+            if init is None:  # checkpoints are not committed: re-create the (deterministic) parent arm first
+                parent = arm.extra.get("init_from", "fp32")
+                print(f"[study] {name}: no {parent} checkpoint in {fp_out}; running {parent} first")
+                main([f"--arms={parent}", "--force", *(["--smoke"] if args.smoke else [])])
+                return main(argv)
             result = _run_dbq(arm, recipe, out, init)
         result.update({"arm": name, "seed": arm.seed, "recipe": recipe, "device": device,
                        "elapsed_s": round(time.time() - start, 1)})  # fmt: skip
