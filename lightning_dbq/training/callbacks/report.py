@@ -70,10 +70,11 @@ class DBQReport(Callback):
         self.plot = plot
         self.history: list[dict[str, float]] = []
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on_validation_end runs after the module's on_validation_epoch_end has logged this epoch's metrics
         if trainer.sanity_checking:
             return
-        row: dict[str, float] = {"epoch": float(trainer.current_epoch)}
+        row: dict[str, float] = {"epoch": float(trainer.current_epoch + 1)}
         for k, v in trainer.callback_metrics.items():
             if k.startswith("val/acc_w"):
                 row[k[len("val/acc_") :]] = float(v)
