@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -126,3 +127,17 @@ def test_init_from_multi_precision_checkpoint_into_transitional_norms(tmp_path: 
     torch.save(TinyNet(num_classes=5).state_dict(), fp)
     with pytest.raises(ValueError, match="does not match the model"):
         DBQModule(TinyNet(), num_classes=4, init_checkpoint=str(fp))
+
+
+def test_report_history_matches_each_epochs_metrics(tmp_path: Path) -> None:
+    from lightning_dbq.training import DBQReport
+
+    pl.seed_everything(0)
+    report_cb = DBQReport(str(tmp_path / "out"))
+    module = DBQModule(TinyNet(), num_classes=4, bits=[8, 2], lr=5e-3)
+    trainer = _trainer(tmp_path, max_epochs=2, callbacks=[report_cb], enable_checkpointing=False)
+    trainer.fit(module, _dm())
+    assert [h["epoch"] for h in report_cb.history] == [1.0, 2.0]
+    assert report_cb.history[-1]["w2a2"] == float(trainer.callback_metrics["val/acc_w2a2"])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["val"]["w8a8"]["acc"] == report_cb.history[-1]["w8a8"]
