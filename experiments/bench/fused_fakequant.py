@@ -96,8 +96,22 @@ def fused_double_round_fake(w: Tensor, scale: Tensor, high_bits: int, bits: int,
 
 
 def compiled() -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
-    """``torch.compile`` (dynamic shapes) of the library's composite ``lsq_fake`` and ``double_round_fake``."""
-    return torch.compile(lsq_fake, dynamic=True), torch.compile(double_round_fake, dynamic=True)
+    """``torch.compile`` (dynamic shapes) of the library's composite ``lsq_fake`` and ``double_round_fake``.
+
+    Weights are passed flattened (``(numel,)``, or ``(C, numel/C)`` with a per-channel scale): dynamo keeps the
+    shapes of ``nn.Parameter`` inputs static, so passing the weights themselves recompiles for every layer shape and
+    hits the recompile limit (8) after a few layers, silently falling back to eager for the rest.
+    """
+    act = torch.compile(lsq_fake, dynamic=True)
+    weight = torch.compile(double_round_fake, dynamic=True)
+
+    def weight_flat(w: Tensor, scale: Tensor, high_bits: int, bits: int, g: float = 1.0) -> Tensor:
+        if scale.numel() == 1:
+            return weight(w.reshape(-1), scale, high_bits, bits, g).view_as(w)
+        flat = w.reshape(w.shape[0], -1)
+        return weight(flat, scale.reshape(-1, 1), high_bits, bits, g).view_as(w)
+
+    return act, weight_flat
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from experiments.bench.common import interleaved_times, median, setup_torch
 from experiments.bench.fused_fakequant import compiled, fused_double_round_fake, fused_lsq_fake, patched
 from experiments.bench.p1_step import BITS, step_fn, variants
 from lightning_dbq.quant.factory import create_fp_model
+from lightning_dbq.quant.functional import double_round_fake, lsq_fake
 
 __all__ = ["run"]
 
@@ -79,27 +80,59 @@ def bench_model(name: str, model: nn.Module, batch: int, warmup: int, repeats: i
     check["compiled"] = _max_grad_diff(models["dbq"], comp, x, y)
     times = interleaved_times(steps, warmup=warmup, repeats=repeats)
     med = {k: median(v) for k, v in times.items()}
+    rounds = {k: median([a / b for a, b in zip(v, times["fp32"], strict=True)]) for k, v in times.items()}
     return {
         "model": name,
         "batch": batch,
         "repeats": repeats,
         "median_s": med,
-        "over_fp32": {k: v / med["fp32"] for k, v in med.items()},
+        "over_fp32": rounds,
+        "over_fp32_note": "median over interleaved rounds of (variant step / fp32 step)",
         "compile_warmup_s_4_bits": compile_s,
         "max_rel_grad_diff_vs_library": check,
     }
 
 
+def kernel_micro(repeats: int) -> dict[str, dict[str, float]]:
+    """Milliseconds of one forward+backward of each kernel alone: an activation (128x16x32x32, 4-bit unsigned, the
+    input of a cifar_resnet20 stage-1 conv) and a weight (512x512x3x3, 8 -> 4 bits, a resnet18 layer4 conv)."""
+    setup_torch()
+    act = torch.randn(128, 16, 32, 32).relu_()
+    weight = torch.randn(512, 512, 3, 3) * 0.02
+    comp = compiled()
+    kernels: dict[str, Kernels] = {
+        "library": (lsq_fake, double_round_fake),
+        "fused": (fused_lsq_fake, fused_double_round_fake),
+        "compiled": comp,
+    }
+    out: dict[str, dict[str, float]] = {}
+    for tensor_name, x, call in (
+        ("activation_128x16x32x32", act, lambda k, x, s: k[0](x, s, 4, False, 1e-3)),
+        ("weight_512x512x3x3", weight, lambda k, x, s: k[1](x, s, 8, 4, 1e-3)),
+    ):
+        fns = {}
+        for name, k in kernels.items():
+            xx, ss = x.clone().requires_grad_(), torch.tensor(0.05 if x is act else 0.002, requires_grad=True)
+            fns[name] = lambda k=k, xx=xx, ss=ss, call=call: call(k, xx, ss).backward(torch.ones_like(xx))
+        times = interleaved_times(fns, warmup=2, repeats=repeats)
+        out[tensor_name] = {name: 1e3 * median(t) for name, t in times.items()}
+    return out
+
+
 def run(quick: bool = False) -> dict[str, Any]:
-    """Kernel variants for cifar_resnet20 (and resnet18 unless ``quick``)."""
+    """Kernel variants for cifar_resnet20 (and resnet18 unless ``quick``), plus the kernels alone."""
     setup_torch()
     r20 = create_fp_model("cifar_resnet20", num_classes=10)
     if quick:
-        return {"cifar_resnet20": bench_model("cifar_resnet20", r20, batch=64, warmup=1, repeats=3)}
+        return {
+            "kernels_ms": kernel_micro(3),
+            "cifar_resnet20": bench_model("cifar_resnet20", r20, batch=64, warmup=1, repeats=3),
+        }
     r18 = timm.create_model("resnet18", num_classes=10)
     return {
-        "cifar_resnet20": bench_model("cifar_resnet20", r20, batch=128, warmup=2, repeats=9),
-        "resnet18": bench_model("resnet18", r18, batch=128, warmup=1, repeats=5),
+        "kernels_ms": kernel_micro(15),
+        "cifar_resnet20": bench_model("cifar_resnet20", r20, batch=128, warmup=2, repeats=11),
+        "resnet18": bench_model("resnet18", r18, batch=128, warmup=2, repeats=11),
     }
 
 

@@ -71,6 +71,10 @@ def size_ratio(bits: tuple[int, ...]) -> BenchResult:
         "artifact_breakdown_bytes": parts,
         "codes_only_ratio": parts["codes"] / fp_bytes,
     }
+    details["note"] = (
+        f"integer codes alone {parts['codes'] / fp_bytes:.4f}; per-bit norm copies +{parts['norms'] / fp_bytes:.4f}, "
+        f"FP first/last layers +{parts['other_fp'] / fp_bytes:.4f}, header/manifest +{parts['header'] / fp_bytes:.4f}"
+    )
     key = "P4_" + "".join(map(str, bits))
     title = f"P4 resnet18 artifact / FP32 state_dict bytes, {{{','.join(map(str, bits))}}}"
     return BenchResult(key, title, art_bytes / fp_bytes, TARGETS[bits], details=details)

@@ -24,6 +24,7 @@ Every number in the tables comes from a committed JSON file under `experiments/r
 scripts named next to it.
 """
 
+_HEADING = "## Performance benchmarks (`experiments/bench/`, `make bench`)"
 _HOW = {
     "P1": "one fwd+bwd+Adam step at w4a4 ({8,6,4,2} model) vs the FP32 model, same batch; median of interleaved runs",
     "P2": "Lightning `DBQModule` epochs: bits=[8,6,4,2] vs four bits=[b] runs, CIFAR-10 JPEG subset",
@@ -88,12 +89,19 @@ def _kernels_table(kernels: dict[str, Any]) -> list[str]:
         "| model | batch | dbq (library) | dbq_fused | dbq_compiled | LSQ reference | compile warm-up (4 bits) |",
         "|---|---|---|---|---|---|---|",
     ]
+    micro = kernels.get("kernels_ms")
     for name, d in kernels.items():
+        if name == "kernels_ms":
+            continue
         r = d["over_fp32"]
         rows.append(
             f"| {name} | {d['batch']} | {fmt(r['dbq'])}x | {fmt(r['dbq_fused'])}x | {fmt(r['dbq_compiled'])}x | "
             f"{fmt(r['lsq'])}x | {fmt(d['compile_warmup_s_4_bits'])} s |"
         )
+    if micro:
+        rows += ["", "The kernels alone, one forward+backward (ms):", "", "| tensor | library | fused | compiled |"]
+        rows.append("|---|---|---|---|")
+        rows += [f"| {t} | {fmt(m['library'])} | {fmt(m['fused'])} | {fmt(m['compiled'])} |" for t, m in micro.items()]
     return rows
 
 
@@ -101,9 +109,7 @@ def render_block(data: dict[str, Any]) -> str:
     """The markdown table of ``bench.json`` (between the markers)."""
     lines = [
         README_START,
-        "## Performance benchmarks (P1-P6)",
-        "",
-        f"Re-run: `make bench` (full, ~20 min) or `uv run python -m experiments.bench.run_all --only P3,P4`; "
+        f"Re-run: `make bench` (full, ~12 min) or `uv run python -m experiments.bench.run_all --only P3,P4`; "
         f"`--quick` is a smoke run that writes nothing. Results: `experiments/results/bench.json`; scripts: "
         f"`experiments/bench/`. {data['device']}, torch {data['torch']}, {data['threads']} thread; ratios are "
         "measured within one run (variants interleaved, warm-up, median of repeats).",
@@ -125,7 +131,11 @@ def render_block(data: dict[str, Any]) -> str:
         lines += ["", f"P1 reference: the hand-written single-bit LSQ ({src}) step costs {refs} of the FP32 step."]
     if "P1_kernels" in data.get("explorations", {}):
         lines += _kernels_table(data["explorations"]["P1_kernels"])
-    notes = [f"- {k}: {e['details']['why']}" for k, e in data["results"].items() if "why" in e["details"]]
+    notes = [
+        f"- {k}: {e['details'].get('why') or e['details']['note']}"
+        for k, e in data["results"].items()
+        if "why" in e["details"] or "note" in e["details"]
+    ]
     if notes:
         lines += ["", *notes]
     lines.append(README_END)
@@ -141,5 +151,5 @@ def write_readme_block(path: Path, data: dict[str, Any]) -> None:
         tail = rest.split(README_END, 1)[1]
         text = head + block + tail
     else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
+        text = text.rstrip("\n") + "\n\n" + _HEADING + "\n\n" + block + "\n"
     path.write_text(text)

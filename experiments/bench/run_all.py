@@ -41,6 +41,16 @@ def _line(r: BenchResult) -> str:
     return f"{r.key:<20} {fmt(r.value) + unit:>10}   target {r.target:<8} {'met' if r.met else 'NOT MET'}"
 
 
+def _summary(kernels: dict[str, Any]) -> str:
+    lines = []
+    for name, d in kernels.items():
+        if "over_fp32" in d:
+            lines.append(f"  {name} step / fp32: " + " ".join(f"{k}={fmt(v)}x" for k, v in d["over_fp32"].items()))
+        else:
+            lines += [f"  {name} {t}: " + " ".join(f"{k}={fmt(v)}" for k, v in m.items()) for t, m in d.items()]
+    return "\n".join(lines)
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats; writes nothing unless --out")
@@ -66,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in EXTRA:
             key, fn = EXTRA[name]
             explorations[key] = fn(args.quick)
-            print(f"{name}: done in {time.perf_counter() - t0:.0f} s: " + ", ".join(
-                f"{m}: " + " ".join(f"{k}={fmt(v)}x" for k, v in d["over_fp32"].items())
-                for m, d in explorations[key].items()
-            ), flush=True)  # fmt: skip
+            print(f"{name}: done in {time.perf_counter() - t0:.0f} s\n{_summary(explorations[key])}", flush=True)
             continue
         for r in BENCHES[name](args.quick):
             results.append(r)
