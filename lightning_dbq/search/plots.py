@@ -6,18 +6,10 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from lightning_dbq.search.figures import pyplot, save_figure
 from lightning_dbq.search.subnet import SubNet
 
 __all__ = ["plot_bit_heatmap", "plot_pareto"]
-
-
-def _plt():  # type: ignore[no-untyped-def]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_pareto(
@@ -25,7 +17,7 @@ def plot_pareto(
     baseline: Sequence[SubNet] | None = None, labels: tuple[str, str] = ("HASB", "uniform sampling"),
 ) -> Path:  # fmt: skip
     """Validation accuracy vs parameter-weighted average bits (front), with uniform-bit points and a baseline."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [s.avg_bits for s in subnets]
     ax.plot(xs, [100 * s.acc for s in subnets], "o-", label=f"searched SubNets ({labels[0]})")
@@ -38,17 +30,12 @@ def plot_pareto(
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title("accuracy / size front")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_bit_heatmap(subnets: Sequence[SubNet], path: str | os.PathLike[str]) -> Path:
     """Layers (rows) × SubNets (columns, by average bits) coloured by bit-width."""
-    plt = _plt()
+    plt = pyplot()
     layers = list(subnets[0].config) if subnets else []
     grid = [[s.config[n] for s in subnets] for n in layers]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(subnets) + 2), max(3.0, 0.22 * len(layers) + 1)))
@@ -60,9 +47,4 @@ def plot_bit_heatmap(subnets: Sequence[SubNet], path: str | os.PathLike[str]) ->
     ax.set_xlabel("SubNet (average bits)")
     fig.colorbar(im, ax=ax, label="bits")
     ax.set_title("per-layer bit-widths of the searched SubNets")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -16,6 +16,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_dbq.quant.prepare import quant_enabled, quantized_layers
+from lightning_dbq.search.figures import pyplot, save_figure
 from lightning_dbq.search.hessian import LayerTrace, hutchinson_traces
 
 __all__ = ["load_traces", "plot_traces", "profile_traces", "save_traces"]
@@ -73,11 +74,7 @@ def load_traces(path: str | os.PathLike[str], layers: Sequence[str] | None = Non
 
 def plot_traces(traces: Mapping[str, LayerTrace], path: str | os.PathLike[str]) -> Path:
     """Bar plot of the normalised traces (log scale) with their standard errors."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(traces)
     values = [max(traces[n].normalized, 1e-12) for n in names]
     errors = [traces[n].std_error / max(traces[n].numel, 1) for n in names]
@@ -88,9 +85,4 @@ def plot_traces(traces: Mapping[str, LayerTrace], path: str | os.PathLike[str]) 
     ax.set_xticklabels(names, rotation=90, fontsize=7)
     ax.set_ylabel("Hessian trace / #params")
     ax.set_title("per-layer sensitivity (Hutchinson, FP32 forward)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_dbq.quant.artifact import save_int
+from lightning_dbq.search.figures import pyplot, save_figure
 from lightning_dbq.training.state import bit_label, get_state
 
 __all__ = ["DBQReport", "plot_per_bit_accuracy"]
@@ -26,11 +27,7 @@ __all__ = ["DBQReport", "plot_per_bit_accuracy"]
 
 def plot_per_bit_accuracy(history: list[dict[str, float]], final: dict[str, float], path: Path) -> Path:
     """Two panels: validation accuracy per bit over epochs, and the final accuracy per bit (bars)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     labels = list(final)
     for label in labels:
@@ -48,11 +45,7 @@ def plot_per_bit_accuracy(history: list[dict[str, float]], final: dict[str, floa
     ax2.set_ylim(max(0.0, lo - 10), 100)
     ax2.set_ylabel("val accuracy (%)")
     ax2.set_title("final accuracy, one stored int model")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 class DBQReport(Callback):
