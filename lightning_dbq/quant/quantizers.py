@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -140,6 +141,13 @@ class ActQuantizer(nn.Module):
         self.scales = nn.ParameterDict({str(b): nn.Parameter(torch.ones(())) for b in self.bits})
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("signed", torch.tensor(False))
+        # Python mirrors of the two buffers: reading a tensor as bool on every forward costs a sync on GPU and a
+        # graph break under torch.compile. Re-read from the buffers after any state_dict load.
+        self._cached: tuple[bool, bool] | None = None
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._cached = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
@@ -158,15 +166,18 @@ class ActQuantizer(nn.Module):
             q_p = qrange(b, signed)[1]
             self.scales[str(b)].data.fill_(max(2.0 * mean_abs_f / math.sqrt(q_p), 1e-6))
         self.initialized.fill_(True)
+        self._cached = (True, signed)
 
     def forward(self, x: Tensor) -> Tensor:
         """Fake-quantize ``x`` at :attr:`active_bits` (identity when disabled)."""
         if not self.enabled:
             return x
-        if not bool(self.initialized):
-            self.initialize(x)
+        if self._cached is None:
+            if not bool(self.initialized):
+                self.initialize(x)
+            self._cached = (True, bool(self.signed))
+        signed = self._cached[1]
         b = self.active_bits
-        signed = bool(self.signed)
         g = lsq_grad_scale(max(x[0].numel(), 1), qrange(b, signed)[1])
         return lsq_fake(x, _positive(self.scales[str(b)]), b, signed, g)
 

@@ -93,3 +93,17 @@ def test_disabled_quantizers_are_identity() -> None:
     q.enabled = a.enabled = False
     assert torch.equal(q(w), w) and torch.equal(a(x), x)
     assert not bool(a.initialized)
+
+
+def test_act_quantizer_state_dict_load_refreshes_cached_flags() -> None:
+    signed_q, unsigned_q = ActQuantizer([8, 4]), ActQuantizer([8, 4])
+    signed_q(torch.randn(4, 8))
+    unsigned_q(torch.rand(4, 8))
+    assert bool(signed_q.signed) and not bool(unsigned_q.signed)
+    unsigned_q.load_state_dict(signed_q.state_dict())  # an already-initialised quantizer gets new state
+    x = torch.tensor([[-1.0, 0.5]])
+    assert unsigned_q(x)[0, 0] < 0  # now signed: negative inputs survive
+    fresh = ActQuantizer([8, 4])
+    fresh.load_state_dict(signed_q.state_dict())
+    assert torch.equal(fresh(x), signed_q(x))
+    assert fresh.scales["8"].item() == signed_q.scales["8"].item()  # not re-initialised from this batch
