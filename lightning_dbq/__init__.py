@@ -24,6 +24,7 @@ from lightning_dbq.quant import (
     read_manifest,
     save_int,
     set_bits,
+    set_kernel,
 )
 
 try:
@@ -44,4 +45,5 @@ __all__ = [
     "read_manifest",
     "save_int",
     "set_bits",
+    "set_kernel",
 ]

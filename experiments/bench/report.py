@@ -81,12 +81,12 @@ def _value(entry: dict[str, Any]) -> str:
 def _kernels_table(kernels: dict[str, Any]) -> list[str]:
     rows = [
         "",
-        "P1 follow-up, fake-quant kernels (no target; `experiments/bench/p1_kernels.py`): step time / FP32 step, "
-        "same run. `dbq_fused` = one `autograd.Function` per quantizer (eager), `dbq_compiled` = the library's "
-        "`lsq_fake`/`double_round_fake` under `torch.compile(dynamic=True)`; both patched in the benchmark process "
-        "only.",
+        "P1 follow-up, the library's fake-quant back-ends (`quant.prepare.kernel`, `lightning_dbq.set_kernel`; no "
+        "target; `experiments/bench/p1_kernels.py`): step time / FP32 step, same run. `eager` = composite "
+        "reference functions, `fused` = one `autograd.Function` per quantizer (default), `compile` = the composite "
+        "functions under `torch.compile(dynamic=True)`.",
         "",
-        "| model | batch | dbq (library) | dbq_fused | dbq_compiled | LSQ reference | compile warm-up (4 bits) |",
+        "| model | batch | eager | fused (default) | compile | LSQ reference | compile warm-up (4 bits) |",
         "|---|---|---|---|---|---|---|",
     ]
     micro = kernels.get("kernels_ms")
@@ -95,13 +95,13 @@ def _kernels_table(kernels: dict[str, Any]) -> list[str]:
             continue
         r = d["over_fp32"]
         rows.append(
-            f"| {name} | {d['batch']} | {fmt(r['dbq'])}x | {fmt(r['dbq_fused'])}x | {fmt(r['dbq_compiled'])}x | "
+            f"| {name} | {d['batch']} | {fmt(r['dbq_eager'])}x | {fmt(r['dbq_fused'])}x | {fmt(r['dbq_compile'])}x | "
             f"{fmt(r['lsq'])}x | {fmt(d['compile_warmup_s_4_bits'])} s |"
         )
     if micro:
-        rows += ["", "The kernels alone, one forward+backward (ms):", "", "| tensor | library | fused | compiled |"]
+        rows += ["", "The kernels alone, one forward+backward (ms):", "", "| tensor | eager | fused | compile |"]
         rows.append("|---|---|---|---|")
-        rows += [f"| {t} | {fmt(m['library'])} | {fmt(m['fused'])} | {fmt(m['compiled'])} |" for t, m in micro.items()]
+        rows += [f"| {t} | {fmt(m['eager'])} | {fmt(m['fused'])} | {fmt(m['compile'])} |" for t, m in micro.items()]
     return rows
 
 
@@ -122,7 +122,7 @@ def render_block(data: dict[str, Any]) -> str:
         met = "yes" if e["met"] else "**no**"
         quick = " (quick run)" if e.get("quick") else ""
         lines.append(f"| {e['title']}{quick} | {_value(e)} | {e['target']} | {met} | {how} |")
-    p1 = {k: e for k, e in data["results"].items() if k.startswith("P1_")}
+    p1 = {k: e for k, e in data["results"].items() if k.startswith("P1_") and not k.endswith("_compile")}
     if p1:
         refs = ", ".join(
             f"{e['details']['model']} {fmt(e['details']['lsq_reference_over_fp32'])}x" for e in p1.values()

@@ -119,6 +119,7 @@ def _run_dbq(arm: Arm, recipe: dict[str, Any], out: Path, init: Path) -> dict[st
     if (out / "pareto.json").is_file():
         results["pareto"] = json.loads((out / "pareto.json").read_text())
     results["overrides"] = overrides
+    results["kernel"] = str(cfg.quant.prepare.get("kernel", "fused"))  # fake-quant back-end (lightning_dbq.set_kernel)
     return results
 
 

@@ -30,7 +30,8 @@ def validate_train_config(cfg: Any) -> None:
     import timm
 
     import lightning_dbq.models  # noqa: F401  (register cifar_resnet*)
-    from lightning_dbq.quant.spec import validate_bits
+    from lightning_dbq.quant.kernels import KERNELS
+    from lightning_dbq.quant.spec import WEIGHT_MODES, validate_bits
     from lightning_dbq.training.alrs import ALRS_MODES
     from lightning_dbq.training.module import OPTIMIZERS, SCHEDULERS
     from lightning_dbq.training.state import ALGORITHMS
@@ -46,6 +47,10 @@ def validate_train_config(cfg: Any) -> None:
     for key, allowed in (("quant.algorithm", ALGORITHMS), ("quant.alrs", ALRS_MODES),
                          ("optim.optimizer", OPTIMIZERS), ("optim.scheduler", SCHEDULERS)):  # fmt: skip
         value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}: got {value!r}; allowed: {list(allowed)}")
+    for key, allowed in (("quant.prepare.kernel", KERNELS), ("quant.prepare.weight_mode", WEIGHT_MODES)):
+        value = _get(cfg, key, allowed[0])  # optional: prepare()'s default is the first allowed value
         if value not in allowed:
             raise ConfigError(f"{key}: got {value!r}; allowed: {list(allowed)}")
     root = _get(cfg, "data.root")

@@ -15,6 +15,7 @@ from lightning_dbq.quant.prepare import (
     quant_enabled,
     quantized_layers,
     set_bits,
+    set_kernel,
 )
 from lightning_dbq.quant.quantizers import ActQuantizer, WeightQuantizer
 from lightning_dbq.quant.spec import QuantSpec, validate_bits
@@ -37,5 +38,6 @@ __all__ = [
     "read_manifest",
     "save_int",
     "set_bits",
+    "set_kernel",
     "validate_bits",
 ]

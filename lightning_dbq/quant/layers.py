@@ -116,6 +116,7 @@ def make_quant_layer(
     per_channel: bool = False,
     quantize_input: bool = True,
     weight_mode: str = "double_round",
+    kernel: str = "fused",
 ) -> nn.Module:
     """Turn ``module`` into a bit-switchable layer in place and return it.
 
@@ -125,6 +126,7 @@ def make_quant_layer(
         per_channel: per-output-channel weight scales.
         quantize_input: add a per-bit activation quantizer on the layer's input.
         weight_mode: ``"double_round"`` | ``"floor"`` | ``"unshared"`` (see :class:`WeightQuantizer`).
+        kernel: fake-quant back-end ``"fused"`` | ``"eager"`` | ``"compile"`` (:mod:`lightning_dbq.quant.kernels`).
 
     Raises:
         TypeError: when the module type is not supported.
@@ -134,8 +136,8 @@ def make_quant_layer(
         raise TypeError(f"cannot quantize module of type {type(module).__name__}; supported: {_allowed_types()}")
     base = type(module)
     weight: Tensor = module.weight  # type: ignore[assignment]
-    module.weight_quant = WeightQuantizer(weight, bits, per_channel=per_channel, mode=weight_mode)
-    module.add_module("act_quant", ActQuantizer(bits) if quantize_input else None)
+    module.weight_quant = WeightQuantizer(weight, bits, per_channel=per_channel, mode=weight_mode, kernel=kernel)
+    module.add_module("act_quant", ActQuantizer(bits, kernel=kernel) if quantize_input else None)
     module.__class__ = _quant_class(base)
     object.__setattr__(module, "_dbq_base", base)
     object.__setattr__(module, "_dbq_fast", kind == "fast")

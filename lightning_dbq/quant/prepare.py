@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_dbq.quant.kernels import check_kernel
 from lightning_dbq.quant.layers import DBQLayer, is_quant_layer, make_quant_layer, quantizable_base
 from lightning_dbq.quant.norm import PerBitNorm, TransitionalNorm
 from lightning_dbq.quant.spec import QuantSpec, validate_bits
@@ -31,6 +32,7 @@ __all__ = [
     "quant_enabled",
     "quantized_layers",
     "set_bits",
+    "set_kernel",
 ]
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,7 @@ def prepare(
     skip: Sequence[str] = (),
     transitional_norm: bool = False,
     weight_mode: str = "double_round",
+    kernel: str = "fused",
 ) -> nn.Module:
     """Make ``model`` bit-switchable in place (and return it). Idempotent.
 
@@ -133,6 +136,7 @@ def prepare(
         transitional_norm: mixed precision: each norm has a copy per (previous quantized layer's bits, owner's
             bits) instead of per bit (:class:`~lightning_dbq.quant.norm.TransitionalNorm`).
         weight_mode: ``"double_round"`` (the method) or the baselines ``"floor"`` / ``"unshared"``.
+        kernel: fake-quant back-end (a run-time choice, not part of the spec; see :func:`set_kernel`).
 
     Returns:
         The same model object.
@@ -154,11 +158,12 @@ def prepare(
     )
     if transitional_norm and not per_bit_norm:
         raise ValueError("transitional_norm=True needs per_bit_norm=True")
+    check_kernel(kernel)
     existing = getattr(model, _SPEC_ATTR, None)
     if existing is not None:
         if existing != spec:
             raise ValueError(f"model was already prepared with {existing}; refusing to re-prepare with {spec}")
-        return model
+        return set_kernel(model, kernel)
     first, last = first_last_layers(model)
     targets: list[str] = []
     unsupported: list[str] = []
@@ -187,7 +192,7 @@ def prepare(
     for name in targets:
         make_quant_layer(
             model.get_submodule(name), spec.bits, per_channel=per_channel, quantize_input=quantize_acts,
-            weight_mode=weight_mode,
+            weight_mode=weight_mode, kernel=kernel,
         )  # fmt: skip
     order = {n: i for i, n in enumerate(targets)}
     for name, owner in owners.items():
@@ -259,6 +264,24 @@ def set_bits(model: nn.Module, bits: int | Mapping[str, int]) -> nn.Module:
         elif isinstance(norm, TransitionalNorm):
             own = layers[norm.owner].weight_quant.active_bits
             norm.active = (layers[norm.prev].weight_quant.active_bits if norm.prev else own, own)
+    return model
+
+
+def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
+    """Choose the fake-quant back-end of every quantizer: ``"fused"`` (default), ``"eager"`` or ``"compile"``.
+
+    A run-time choice (not stored in the spec or in artifacts): every back-end computes the same forward values,
+    see :mod:`lightning_dbq.quant.kernels`.
+
+    Raises:
+        ValueError: unknown back-end, or ``model`` was not prepared.
+    """
+    check_kernel(kernel)
+    get_spec(model)
+    for m in _quant_layers(model).values():
+        m.weight_quant.kernel = kernel
+        if m.act_quant is not None:
+            m.act_quant.kernel = kernel
     return model
 
 

@@ -21,14 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_dbq.quant.functional import (
-    double_round_codes,
-    double_round_fake,
-    floor_nest_fake,
-    lsq_fake,
-    lsq_grad_scale,
-    qrange,
-)
+from lightning_dbq.quant.functional import double_round_codes, floor_nest_fake, lsq_grad_scale, qrange
+from lightning_dbq.quant.kernels import check_kernel, kernels
 
 __all__ = ["SCALE_EPS", "ActQuantizer", "WeightQuantizer"]
 
@@ -57,14 +51,21 @@ class WeightQuantizer(nn.Module):
         bits: candidate bits (validated by the caller), any order.
         per_channel: one scale per output channel (dim 0) instead of one per tensor.
         mode: ``"double_round"`` (default), ``"floor"`` or ``"unshared"``.
+        kernel: fake-quant back-end, ``"fused"`` | ``"eager"`` | ``"compile"`` (:mod:`lightning_dbq.quant.kernels`).
     """
 
     def __init__(
-        self, weight: Tensor, bits: Sequence[int], per_channel: bool = False, mode: str = "double_round"
+        self,
+        weight: Tensor,
+        bits: Sequence[int],
+        per_channel: bool = False,
+        mode: str = "double_round",
+        kernel: str = "fused",
     ) -> None:
         super().__init__()
         if mode not in ("double_round", "floor", "unshared"):
             raise ValueError(f"mode must be 'double_round', 'floor' or 'unshared', got {mode!r}")
+        self.kernel: str = check_kernel(kernel)
         self.bits: tuple[int, ...] = tuple(sorted(bits, reverse=True))
         self.high_bits: int = self.bits[0]
         self.active_bits: int = self.high_bits
@@ -101,11 +102,11 @@ class WeightQuantizer(nn.Module):
         n = w.numel() // s.numel()
         if self.mode == "unshared":
             g = lsq_grad_scale(n, qrange(self.active_bits, signed=True)[1])
-            return lsq_fake(w, s, self.active_bits, signed=True, g=g)
+            return kernels(self.kernel).lsq(w, s, self.active_bits, True, g)
         g = lsq_grad_scale(n, qrange(self.high_bits, signed=True)[1])
         if self.mode == "floor":
             return floor_nest_fake(w, s, self.high_bits, self.active_bits, g)
-        return double_round_fake(w, s, self.high_bits, self.active_bits, g)
+        return kernels(self.kernel).double_round(w, s, self.high_bits, self.active_bits, g)
 
     def codes(self, w: Tensor) -> Tensor:
         """The stored ``h``-bit integer codes of ``w`` as int8 (shared-scale modes only)."""
@@ -115,7 +116,10 @@ class WeightQuantizer(nn.Module):
         return q_h.to(torch.int8)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, active_bits={self.active_bits}, per_channel={self.per_channel}, mode={self.mode!r}"
+        return (
+            f"bits={self.bits}, active_bits={self.active_bits}, per_channel={self.per_channel}, mode={self.mode!r}, "
+            f"kernel={self.kernel!r}"
+        )
 
 
 class ActQuantizer(nn.Module):
@@ -127,13 +131,15 @@ class ActQuantizer(nn.Module):
 
     Args:
         bits: candidate bits, any order.
+        kernel: fake-quant back-end, ``"fused"`` | ``"eager"`` | ``"compile"`` (:mod:`lightning_dbq.quant.kernels`).
     """
 
     initialized: Tensor
     signed: Tensor
 
-    def __init__(self, bits: Sequence[int]) -> None:
+    def __init__(self, bits: Sequence[int], kernel: str = "fused") -> None:
         super().__init__()
+        self.kernel: str = check_kernel(kernel)
         self.bits: tuple[int, ...] = tuple(sorted(bits, reverse=True))
         self.active_bits: int = self.bits[0]
         self.enabled: bool = True
@@ -179,7 +185,7 @@ class ActQuantizer(nn.Module):
         signed = self._cached[1]
         b = self.active_bits
         g = lsq_grad_scale(max(x[0].numel(), 1), qrange(b, signed)[1])
-        return lsq_fake(x, _positive(self.scales[str(b)]), b, signed, g)
+        return kernels(self.kernel).lsq(x, _positive(self.scales[str(b)]), b, signed, g)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, active_bits={self.active_bits}"
+        return f"bits={self.bits}, active_bits={self.active_bits}, kernel={self.kernel!r}"

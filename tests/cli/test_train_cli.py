@@ -78,6 +78,8 @@ def test_train_writes_results_json_artifact_and_plot(tmp_path: Path) -> None:
         (["+model.num_classes=7"], "model.num_classes: 7 does not match the data's 4 classes"),
         (["quant.algorithm=A3"], r"quant.algorithm: got 'A3'; allowed: \['A2', 'A1'\]"),
         (["optim.optimizer=lion"], "optim.optimizer: got 'lion'"),
+        (["quant.prepare.kernel=cuda"], r"quant.prepare.kernel: got 'cuda'; allowed: \['fused', 'eager', 'compile'\]"),
+        (["quant.prepare.weight_mode=ceil"], "quant.prepare.weight_mode: got 'ceil'"),
     ],
 )
 def test_invalid_configs_fail_before_training(tmp_path: Path, overrides: list[str], match: str) -> None:

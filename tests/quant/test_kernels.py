@@ -1,0 +1,190 @@
+"""Fake-quant back-ends: the fused autograd.Function (and torch.compile) against the composite reference and a
+float64 NumPy reference of the forward and of the STE gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_dbq import prepare, set_bits, set_kernel
+from lightning_dbq.quant.functional import double_round_fake, lsq_fake, qrange
+from lightning_dbq.quant.fused import fused_double_round_fake, fused_lsq_fake
+from lightning_dbq.quant.kernels import KERNELS, kernels
+from lightning_dbq.search.hessian import hutchinson_traces
+from tests.helpers.tiny import TinyNet
+
+
+def _numpy_reference(x: np.ndarray, s: np.ndarray, lo: float, hi: float, step: float, g: float, gy: np.ndarray):
+    """Forward ``s·step·rhu(rhu(clamp(x/s))/step)`` and STE gradients (s broadcast to x).
+
+    ``v = x / s`` is divided in float32, as the kernels do (a float64 quotient can fall on the other side of a
+    rounding tie); everything after it is exact or float64.
+    """
+    v = (x.astype(np.float32) / s.astype(np.float32)).astype(np.float64)
+    c = np.clip(v, lo, hi)
+    q = np.floor(np.floor(c + 0.5) / step + 0.5) * step
+    inside = (v > lo) & (v < hi)
+    gx = gy * inside
+    gs_elem = gy * np.where(inside, q - v, q) * g
+    slack = np.abs(gy) * g * (np.abs(v) + np.abs(q)) * 2.0**-22
+    return q * s, gx, gs_elem, slack
+
+
+def _assert_scale_grad(scales: list[torch.Tensor], terms: np.ndarray, slack: np.ndarray) -> None:
+    """Both kernels' scale gradients equal the float64 sum of the per-element terms (one row per scale) up to
+    float32 error: ``q − v`` is formed from float32 numbers of size ``|v|`` (error ≲ 2 ulp(v) per term, given
+    per element in ``slack``) and then summed (≲ 1e-6 · Σ|term|). The sums cancel heavily: no relative bound."""
+    expect = terms.sum(1)
+    bound = 1e-6 * np.abs(terms).sum(1) + slack.sum(1) + 1e-12
+    for s in scales:
+        got = s.grad.double().numpy().reshape(-1)
+        assert np.all(np.abs(got - expect) <= bound), (got, expect, bound)
+
+
+def _case(shape: tuple[int, ...], per_channel: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * 2
+    s = torch.rand((shape[0],) + (1,) * (len(shape) - 1) if per_channel else (), generator=gen) * 0.05 + 0.01
+    # put some inputs exactly on grid points, ties and the clip bounds (where the masks are decided)
+    flat = x.view(-1)
+    flat[:40] = (torch.arange(40, dtype=torch.float32) - 20) * 0.5 * s.reshape(-1)[0]
+    bounds = torch.tensor([-128, 127, 124, 112, 96, 64, -8, 7, -2, 1, 255, 15, 3], dtype=torch.float32)
+    flat[40 : 40 + len(bounds)] = bounds * s.reshape(-1)[0]
+    return x, s
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("bits", [8, 6, 4, 3, 2])
+def test_fused_double_round_matches_composite_and_numpy(bits: int, per_channel: bool) -> None:
+    x, s = _case((6, 5, 3, 3), per_channel, seed=bits)
+    g = 0.37
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    ss = [s.clone().requires_grad_(True) for _ in range(2)]
+    y_ref = double_round_fake(xs[0], ss[0], 8, bits, g)
+    y_fused = fused_double_round_fake(xs[1], ss[1], 8, bits, g)
+    assert torch.equal(y_ref, y_fused)  # bit-identical forward
+    gy = torch.randn_like(x)
+    y_ref.backward(gy)
+    y_fused.backward(gy)
+    # the composite chain computes (step·s)·(1/step)·(1/s) in float32: the fused mask is the exact STE gradient
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-6, atol=0)
+    step = float(1 << (8 - bits))
+    lo, hi = qrange(bits, signed=True)
+    s64 = np.broadcast_to(s.double().numpy(), x.shape)
+    ref = _numpy_reference(x.double().numpy(), s64, lo * step, hi * step, step, g, gy.double().numpy())
+    y_np, gx_np, gs_elem, slack = ref
+    np.testing.assert_allclose(y_fused.detach().double().numpy(), y_np, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(xs[1].grad.numpy(), gx_np.astype(np.float32))
+    rows = x.shape[0] if per_channel else 1
+    _assert_scale_grad(ss, gs_elem.reshape(rows, -1), slack.reshape(rows, -1))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_fused_lsq_matches_composite_and_numpy(bits: int, signed: bool) -> None:
+    x, s = _case((16, 8, 4, 4), per_channel=False, seed=10 + bits)
+    if not signed:
+        x = x.relu()
+    g = 0.05
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    ss = [s.clone().requires_grad_(True) for _ in range(2)]
+    y_ref = lsq_fake(xs[0], ss[0], bits, signed, g)
+    y_fused = fused_lsq_fake(xs[1], ss[1], bits, signed, g)
+    assert torch.equal(y_ref, y_fused)
+    gy = torch.randn_like(x)
+    y_ref.backward(gy)
+    y_fused.backward(gy)
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-6, atol=0)
+    lo, hi = qrange(bits, signed)
+    ref = _numpy_reference(x.double().numpy(), s.double().numpy(), lo, hi, 1.0, g, gy.double().numpy())
+    y_np, gx_np, gs_elem, slack = ref
+    np.testing.assert_allclose(y_fused.detach().double().numpy(), y_np, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(xs[1].grad.numpy(), gx_np.astype(np.float32))
+    _assert_scale_grad(ss, gs_elem.reshape(1, -1), slack.reshape(1, -1))
+
+
+def test_fused_keeps_input_dtype_and_rejects_bad_bits() -> None:
+    x = torch.randn(4, 4, dtype=torch.bfloat16)
+    assert fused_lsq_fake(x, torch.tensor(0.1), 4, True).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="bits must be in"):
+        fused_lsq_fake(x, torch.tensor(0.1), 9, True)
+    with pytest.raises(ValueError, match="bits must satisfy"):
+        fused_double_round_fake(x, torch.tensor(0.1), 4, 6)
+
+
+def _pair(kernel_a: str, kernel_b: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    torch.manual_seed(0)
+    a = prepare(TinyNet(), [8, 4, 2], kernel=kernel_a)
+    b = set_kernel(copy.deepcopy(a), kernel_b)
+    return a, b
+
+
+def test_models_on_fused_and_eager_kernels_train_alike() -> None:
+    a, b = _pair("eager", "fused")
+    assert "kernel='fused'" in repr(b) and "kernel='eager'" in repr(a)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    for bits in (8, 4, 2):
+        set_bits(a, bits)
+        set_bits(b, bits)
+        out_a, out_b = a(x), b(x)
+        assert torch.equal(out_a, out_b)
+        F.cross_entropy(out_a, y).backward()
+        F.cross_entropy(out_b, y).backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        if pa.grad is None:
+            assert pb.grad is None, name
+            continue
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_hessian_traces_through_fused_kernels_match_eager() -> None:
+    a, b = _pair("eager", "fused")
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 3, 16, 16, generator=gen), torch.randint(0, 4, (16,), generator=gen))]
+    for m in (a, b):
+        m(batches[0][0])  # initialise the activation scales identically
+        set_bits(m, 4)
+    kw = {"min_samples": 4, "max_samples": 4, "progress": False}
+    ta = hutchinson_traces(a, batches, {"conv2": a.conv2.weight, "conv3": a.conv3.weight}, **kw)
+    tb = hutchinson_traces(b, batches, {"conv2": b.conv2.weight, "conv3": b.conv3.weight}, **kw)
+    for name in ("conv2", "conv3"):
+        assert ta[name].trace != 0.0
+        assert tb[name].trace == pytest.approx(ta[name].trace, rel=1e-4)
+
+
+def test_set_kernel_and_prepare_reject_unknown_backend() -> None:
+    with pytest.raises(ValueError, match=r"`kernel` must be one of \('fused', 'eager', 'compile'\), got 'cuda'"):
+        prepare(TinyNet(), [8, 4], kernel="cuda")
+    model = prepare(TinyNet(), [8, 4])
+    with pytest.raises(ValueError, match="`kernel` must be one of"):
+        set_kernel(model, "triton")
+    with pytest.raises(ValueError, match="not prepared|prepare"):
+        set_kernel(TinyNet(), "eager")
+    assert KERNELS[0] == "fused" and model.conv2.weight_quant.kernel == "fused"
+
+
+@pytest.mark.slow
+def test_compiled_kernels_match_eager() -> None:
+    """torch.compile back-end (needs a C++ compiler on CPU; ~30-60 s of compilation, so only on request)."""
+    act, weight = kernels("compile")
+    x, s = _case((6, 5, 3, 3), per_channel=True, seed=3)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    ss = [s.clone().requires_grad_(True) for _ in range(2)]
+    y_ref = double_round_fake(xs[0], ss[0], 8, 2, 0.3)
+    y_c = weight(xs[1], ss[1], 8, 2, 0.3)
+    assert torch.equal(y_ref, y_c)
+    gy = torch.randn_like(x)
+    y_ref.backward(gy)
+    y_c.backward(gy)
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ss[1].grad, ss[0].grad, rtol=1e-5, atol=1e-7)
+    a, b = _pair("eager", "compile")
+    inp = torch.randn(4, 3, 16, 16)
+    set_bits(a, 2)
+    set_bits(b, 2)
+    assert torch.equal(a(inp), b(inp))
+    assert torch.equal(lsq_fake(x, s.view(-1)[0], 4, True), act(x, s.view(-1)[0], 4, True))
