@@ -38,7 +38,7 @@ EXTRA = {"P1k": ("P1_kernels", p1_kernels.run)}
 
 def _line(r: BenchResult) -> str:
     unit = " s" if r.unit == "s" else "x"
-    return f"{r.key:<20} {fmt(r.value) + unit:>10}   target {r.target:<8} {'met' if r.met else 'NOT MET'}"
+    return f"{r.key:<26} {fmt(r.value) + unit:>10}   target {r.target:<8} {'met' if r.met else 'NOT MET'}"
 
 
 def _summary(kernels: dict[str, Any]) -> str:
