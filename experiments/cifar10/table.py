@@ -68,15 +68,19 @@ def _front(name: str, budget: float) -> float | None:
 
 def _claim(what: str, a: float | None, b: float | None, target: float | None, strict: bool = False) -> str:
     """One row: ``a − b`` against ``a − b ≥ target`` (``>`` if ``strict``; no target: reported only)."""
+    shown = "-" if target is None else f"{'>' if strict else '≥'} {target:+.1f}"
     if a is None or b is None:
-        return f"| {what} | pending | pending | | {'' if target is None else target} | pending |"
+        return f"| {what} | {_pct(a)} | {_pct(b)} | | {shown} | pending |"
     d = a - b
     if target is None:
-        verdict, shown = "(reported)", "-"
+        verdict = "(reported)"
     else:
-        ok = d > target if strict else d >= target
-        verdict, shown = ("holds" if ok else "**does not hold**"), f"{'>' if strict else '≥'} {target:+.1f}"
+        verdict = "holds" if (d > target if strict else d >= target) else "**does not hold**"
     return f"| {what} | {a:.2f} | {b:.2f} | {d:+.2f} | {shown} | {verdict} |"
+
+
+def _pct(v: float | None) -> str:
+    return "pending" if v is None else f"{v:.2f}"
 
 
 def _claims() -> list[str]:
@@ -102,17 +106,68 @@ def _claims() -> list[str]:
     return rows
 
 
+FIGURE = RESULTS / "cifar10_study.png"
+_GROUPS = {
+    "LSQ, one model per bit": ["lsq_w8", "lsq_w6", "lsq_w4", "lsq_w2"],
+    "DR {8,6,4,2} + ALRS": ["dr_8642_alrs_s0", "dr_8642_alrs_s1"],
+    "DR {8,6,4,2}, no ALRS": ["dr_8642_noalrs_s0", "dr_8642_noalrs_s1"],
+    "floor nesting {8,6,4,2}": ["floor_8642_s0", "floor_8642_s1"],
+    "DR {4,3,2}": ["dr_432"],
+}
+
+
+def plot() -> Path:
+    """Per-bit accuracy of every uniform-precision arm (seed means, seeds as dots) and the mixed-precision fronts."""
+    from lightning_dbq.search.figures import pyplot, save_figure
+
+    plt = pyplot()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2, 1]})
+    bits = ["w8a8", "w6a6", "w4a4", "w3a3", "w2a2"]
+    width = 0.8 / len(_GROUPS)
+    for i, (label, arms) in enumerate(_GROUPS.items()):
+        for j, b in enumerate(bits):
+            vals = [100 * r["val"][b]["acc"] for r in map(_load, arms) if r is not None and b in r["val"]]
+            if not vals:
+                continue
+            x = j + (i - (len(_GROUPS) - 1) / 2) * width
+            ax.bar(x, sum(vals) / len(vals), width, color=f"C{i}", label=label)
+            ax.plot([x] * len(vals), vals, "k.", ms=3)
+    fp = _load("fp32")
+    if fp is not None:
+        ax.axhline(100 * fp["val"]["fp32"]["acc"], color="gray", ls="--", lw=1, label="FP32")
+    handles, labels = ax.get_legend_handles_labels()
+    seen = dict(zip(labels, handles, strict=True))
+    ax.legend(seen.values(), seen.keys(), fontsize=7, loc="lower left")
+    ax.set_xticks(range(len(bits)), bits)
+    ax.set_ylim(40, 75)
+    ax.set_ylabel("val accuracy (%)")
+    ax.set_title("CIFAR-10, cifar_resnet20: uniform precision (bars: seed mean, dots: seeds)")
+    for i, name in enumerate(("mixed_hasb", "mixed_uniform")):
+        r = _load(name)
+        if r is None or "pareto" not in r:
+            continue
+        pts = sorted((p["avg_bits"], 100 * p["acc"]) for p in r["pareto"])
+        ax2.plot(*zip(*pts, strict=True), "o-", color=f"C{i + 5}", label=name.replace("mixed_", ""))
+    ax2.set_xlabel("average weight bits")
+    ax2.set_ylabel("val accuracy (%)")
+    ax2.set_title("mixed-precision SubNets")
+    if ax2.lines:
+        ax2.legend(fontsize=8)
+    return save_figure(fig, FIGURE)
+
+
 def main() -> None:
     """Replace the block between ``<!-- cifar10:start -->`` and ``<!-- cifar10:end -->``."""
     header = ["| arm | seed | " + " | ".join(COLUMNS) + " | minutes | kernel |", "|---" * (len(COLUMNS) + 4) + "|"]
     block = "\n".join(["<!-- cifar10:start -->", "Validation accuracy (%), 5,000-image held-out split:", "",
                        *header, *_rows(), "", "The paper's claims, computed from the rows above:", "", *_claims(),
-                       "<!-- cifar10:end -->"])  # fmt: skip
+                       "", f"![CIFAR-10 study](results/{FIGURE.name})", "<!-- cifar10:end -->"])  # fmt: skip
     text = README.read_text()
     pattern = re.compile(r"<!-- cifar10:start -->.*?<!-- cifar10:end -->", re.S)
     text = pattern.sub(block, text) if pattern.search(text) else text.replace(
         "## Performance benchmarks", block + "\n\n## Performance benchmarks")  # fmt: skip
     README.write_text(text)
+    plot()
     print(block)
 
 
