@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from lightning_dbq.quant.kernels import KERNELS
+
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "experiments" / "results"
 RUNS = ROOT / "experiments" / "cifar10" / "runs"
@@ -52,9 +54,14 @@ def _arms() -> list[Arm]:
         arms.append(Arm(f"dr_8642_noalrs_s{seed}", ("quant.bits=[8,6,4,2]", "quant.alrs=off"), seed))
         arms.append(Arm(f"floor_8642_s{seed}", ("quant.bits=[8,6,4,2]", "quant.prepare.weight_mode=floor"), seed))
     arms.append(Arm("dr_432", ("quant.bits=[4,3,2]",)))
-    mixed = ("experiment=cifar10_mixed", "callbacks.hasb.warmup_epochs=0", "+callbacks.search.budgets=[3,4]")
+    # Both mixed arms start from the DR {8,6,4,2} model; the HASB arm computes the Hessian traces of that starting
+    # model (8-16 Hutchinson samples on 1,000 images) and the uniform arm's SubNet search reuses them, so the two
+    # fronts differ only by how the SuperNet was trained.
+    mixed = ("experiment=cifar10_mixed", "callbacks.hasb.warmup_epochs=0", "+callbacks.search.budgets=[3,4]",
+             "callbacks.hessian.max_samples=16")  # fmt: skip
     arms.append(Arm("mixed_hasb", mixed, extra={"init_from": "dr_8642_alrs_s0"}))
-    arms.append(Arm("mixed_uniform", (*mixed, "callbacks.hasb.uniform=true"), extra={"init_from": "dr_8642_alrs_s0"}))
+    arms.append(Arm("mixed_uniform", (*mixed, "callbacks.hasb.uniform=true"),
+                    extra={"init_from": "dr_8642_alrs_s0", "traces_from": "mixed_hasb"}))  # fmt: skip
     return arms
 
 
@@ -90,7 +97,7 @@ def _run_fp32(recipe: dict[str, Any], out: Path, results_dir: Path) -> dict[str,
             "checkpoint": str((out / "fp32.ckpt").relative_to(ROOT))}  # fmt: skip
 
 
-def _run_dbq(arm: Arm, recipe: dict[str, Any], out: Path, init: Path) -> dict[str, Any]:
+def _run_dbq(arm: Arm, recipe: dict[str, Any], out: Path, init: Path, kernel: str | None) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import open_dict
@@ -105,6 +112,10 @@ def _run_dbq(arm: Arm, recipe: dict[str, Any], out: Path, init: Path) -> dict[st
         f"optim.lr={recipe['lr']}", f"seed={arm.seed}", "logger=csv", "test=false", "trainer.accelerator=auto",
         *arm.overrides,
     ]  # fmt: skip
+    if "traces_from" in arm.extra:
+        overrides.append(f"callbacks.hessian.traces_path={out.parent / arm.extra['traces_from'] / 'traces.json'}")
+    if kernel is not None:
+        overrides.append(f"quant.prepare.kernel={kernel}")
     if recipe is SMOKE and any(o.startswith("experiment=cifar10_mixed") for o in arm.overrides):
         overrides += ["callbacks.hessian.num_images=64", "callbacks.hessian.batch_size=32",
                       "callbacks.hessian.min_samples=4", "callbacks.hessian.max_samples=4"]  # fmt: skip
@@ -129,6 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", default="", help="comma-separated arm names (default: every arm)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, results under experiments/results/smoke")
     parser.add_argument("--force", action="store_true", help="re-run arms even if cached")
+    parser.add_argument("--kernel", choices=KERNELS, default=None,
+                        help="fake-quant back-end (quant.prepare.kernel; recorded in the result). Forward values are "
+                             "identical for every back-end; 'compile' is the fastest, but Hessian traces (mixed arms) "
+                             "need 'fused' or 'eager'")  # fmt: skip
     args = parser.parse_args(argv)
     recipe = SMOKE if args.smoke else RECIPE
     torch.set_num_threads(1 if not torch.cuda.is_available() else torch.get_num_threads())
@@ -151,12 +166,16 @@ def main(argv: list[str] | None = None) -> None:
         else:
             fp_out = RUNS / ("smoke" if args.smoke else "") / arm.extra.get("init_from", "fp32")
             init = next(iter(sorted(fp_out.glob("*.ckpt")) + sorted(fp_out.glob("checkpoints/last.ckpt"))), None)
-            if init is None:  # checkpoints are not committed: re-create the (deterministic) parent arm first
+            traces_from = arm.extra.get("traces_from")
+            if traces_from and not (out.parent / traces_from / "traces.json").is_file():
+                init, parent = None, traces_from  # the traces come from another arm's run folder
+            else:
                 parent = arm.extra.get("init_from", "fp32")
-                print(f"[study] {name}: no {parent} checkpoint in {fp_out}; running {parent} first")
+            if init is None:  # run folders are not committed: re-create the (deterministic) parent arm first
+                print(f"[study] {name}: needs the {parent} run folder (checkpoint / traces); running {parent} first")
                 main([f"--arms={parent}", "--force", *(["--smoke"] if args.smoke else [])])
                 return main(argv)
-            result = _run_dbq(arm, recipe, out, init)
+            result = _run_dbq(arm, recipe, out, init, args.kernel)
         result.update({"arm": name, "seed": arm.seed, "recipe": recipe, "device": device,
                        "elapsed_s": round(time.time() - start, 1)})  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
