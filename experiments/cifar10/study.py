@@ -46,7 +46,8 @@ class Arm:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _arms() -> list[Arm]:
+def study_arms() -> list[Arm]:
+    """Every arm of the study, in run order."""
     arms = [Arm("fp32")]
     arms += [Arm(f"lsq_w{b}", (f"quant.bits=[{b}]",)) for b in (8, 6, 4, 2)]
     for seed in (0, 1):
@@ -97,14 +98,8 @@ def _run_fp32(recipe: dict[str, Any], out: Path, results_dir: Path) -> dict[str,
             "checkpoint": str((out / "fp32.ckpt").relative_to(ROOT))}  # fmt: skip
 
 
-def _run_dbq(arm: Arm, recipe: dict[str, Any], out: Path, init: Path, kernel: str | None) -> dict[str, Any]:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import open_dict
-
-    from lightning_dbq.cli._conf import config_dir
-    from lightning_dbq.cli.train import train
-
+def arm_overrides(arm: Arm, recipe: dict[str, Any], out: Path, init: Path, kernel: str | None) -> list[str]:
+    """The ``dbq-train`` overrides of a quantized arm (``out``: its run folder, ``init``: the starting checkpoint)."""
     overrides = [
         "data=imagefolder", f"data.root={DATA}", f"data.train_subset={recipe['train_subset']}",
         f"data.val_per_class={recipe['val_per_class']}", f"data.batch_size={recipe['batch_size']}", "data.seed=0",
@@ -119,6 +114,18 @@ def _run_dbq(arm: Arm, recipe: dict[str, Any], out: Path, init: Path, kernel: st
     if recipe is SMOKE and any(o.startswith("experiment=cifar10_mixed") for o in arm.overrides):
         overrides += ["callbacks.hessian.num_images=64", "callbacks.hessian.batch_size=32",
                       "callbacks.hessian.min_samples=4", "callbacks.hessian.max_samples=4"]  # fmt: skip
+    return overrides
+
+
+def _run_dbq(arm: Arm, recipe: dict[str, Any], out: Path, init: Path, kernel: str | None) -> dict[str, Any]:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    from lightning_dbq.cli._conf import config_dir
+    from lightning_dbq.cli.train import train
+
+    overrides = arm_overrides(arm, recipe, out, init, kernel)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     recipe = SMOKE if args.smoke else RECIPE
     torch.set_num_threads(1 if not torch.cuda.is_available() else torch.get_num_threads())
-    arms = {a.name: a for a in _arms()}
+    arms = {a.name: a for a in study_arms()}
     names = [n for n in args.arms.split(",") if n] or list(arms)
     unknown = sorted(set(names) - set(arms))
     if unknown:

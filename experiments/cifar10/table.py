@@ -31,10 +31,10 @@ def _kernel(r: dict[str, Any]) -> str:
 
 
 def _rows() -> list[str]:
-    from experiments.cifar10.study import _arms
+    from experiments.cifar10.study import study_arms
 
     rows = []
-    for arm in _arms():
+    for arm in study_arms():
         r = _load(arm.name)
         if r is None:
             rows.append(f"| {arm.name} | {arm.seed} | " + " | ".join("pending" for _ in COLUMNS) + " | | |")
