@@ -44,13 +44,12 @@ def validate_train_config(cfg: Any) -> None:
         validate_bits(list(_get(cfg, "quant.bits", [])), "quant.bits")
     except (TypeError, ValueError) as e:
         raise ConfigError(f"quant.bits: {e}") from e
-    for key, allowed in (("quant.algorithm", ALGORITHMS), ("quant.alrs", ALRS_MODES),
-                         ("optim.optimizer", OPTIMIZERS), ("optim.scheduler", SCHEDULERS)):  # fmt: skip
-        value = _get(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}: got {value!r}; allowed: {list(allowed)}")
-    for key, allowed in (("quant.prepare.kernel", KERNELS), ("quant.prepare.weight_mode", WEIGHT_MODES)):
-        value = _get(cfg, key, allowed[0])  # optional: prepare()'s default is the first allowed value
+    # (key, allowed values, default when the key is absent: None = required)
+    for key, allowed, default in (("quant.algorithm", ALGORITHMS, None), ("quant.alrs", ALRS_MODES, None),
+                                  ("optim.optimizer", OPTIMIZERS, None), ("optim.scheduler", SCHEDULERS, None),
+                                  ("quant.prepare.kernel", KERNELS, KERNELS[0]),
+                                  ("quant.prepare.weight_mode", WEIGHT_MODES, WEIGHT_MODES[0])):  # fmt: skip
+        value = _get(cfg, key, default)
         if value not in allowed:
             raise ConfigError(f"{key}: got {value!r}; allowed: {list(allowed)}")
     root = _get(cfg, "data.root")

@@ -41,20 +41,25 @@ def check_kernel(kernel: str) -> str:
     return kernel
 
 
+def _flattened(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Call ``fn(x, scale, ...)`` on ``x`` flattened to ``(numel,)`` (scalar scale) or ``(C, numel / C)`` (per-channel
+    scale), so one dynamic-shape graph serves every layer, parameters included."""
+
+    def call(x: Tensor, scale: Tensor, *args: object) -> Tensor:
+        if scale.numel() == 1:
+            return fn(x.reshape(-1), scale, *args).view_as(x)
+        return fn(x.reshape(x.shape[0], -1), scale.reshape(-1, 1), *args).view_as(x)
+
+    return call
+
+
 @functools.cache
 def _compiled() -> Kernels:
     import torch
 
     act = torch.compile(lsq_fake, dynamic=True)
     weight = torch.compile(double_round_fake, dynamic=True)
-
-    def weight_flat(w: Tensor, scale: Tensor, high_bits: int, bits: int, g: float = 1.0) -> Tensor:
-        if scale.numel() == 1:
-            return weight(w.reshape(-1), scale, high_bits, bits, g).view_as(w)
-        flat = w.reshape(w.shape[0], -1)
-        return weight(flat, scale.reshape(-1, 1), high_bits, bits, g).view_as(w)
-
-    return Kernels(act, weight_flat)
+    return Kernels(_flattened(act), _flattened(weight))
 
 
 _STATIC = {"fused": Kernels(fused_lsq_fake, fused_double_round_fake), "eager": Kernels(lsq_fake, double_round_fake)}

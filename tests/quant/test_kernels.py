@@ -188,3 +188,10 @@ def test_compiled_kernels_match_eager() -> None:
     set_bits(b, 2)
     assert torch.equal(a(inp), b(inp))
     assert torch.equal(lsq_fake(x, s.view(-1)[0], 4, True), act(x, s.view(-1)[0], 4, True))
+    torch.manual_seed(0)
+    unshared = prepare(TinyNet(), [8, 4, 2], weight_mode="unshared", kernel="eager")  # weights go through `act`
+    unshared_c = set_kernel(copy.deepcopy(unshared), "compile")
+    for bits in (8, 2):
+        set_bits(unshared, bits)
+        set_bits(unshared_c, bits)
+        assert torch.equal(unshared(inp), unshared_c(inp))
