@@ -25,7 +25,6 @@ from torch import nn
 from lightning_dbq.quant.layers import DBQLayer
 from lightning_dbq.quant.packing import pack_codes, pack_width, unpack_codes
 from lightning_dbq.quant.prepare import get_spec, prepare
-from lightning_dbq.quant.quantizers import SCALE_EPS
 from lightning_dbq.quant.spec import QuantSpec
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load_int", "read_manifest", "save_int"]
@@ -208,15 +207,17 @@ def load_int(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn
         setattr(model, SOURCE_ATTR, {"name": name, "kwargs": dict(manifest["model"]["kwargs"])})
     prepare(model, **spec.to_dict())
     state: dict[str, torch.Tensor] = {k: v for k, v in tensors.items() if not k.startswith(_CODES_PREFIX)}
-    for layer in manifest["layers"]:
-        if layer["storage_bits"] == 32:
-            continue
+    coded = [layer for layer in manifest["layers"] if layer["storage_bits"] != 32]
+    for layer in coded:  # placeholders: the weights are decoded below, once the scales are loaded
         name = layer["name"]
         key = f"{name}.weight" if name else "weight"
-        codes = unpack_codes(tensors[_CODES_PREFIX + key], spec.high_bits, layer["numel"]).reshape(layer["shape"])
-        weight: torch.Tensor = model.get_submodule(name).weight  # type: ignore[assignment]
-        scale_key = f"{name}.weight_quant.scale" if name else "weight_quant.scale"
-        scale = state[scale_key].abs() + SCALE_EPS
-        state[key] = (codes.float() * scale.float()).to(weight.dtype)
+        state[key] = torch.zeros_like(model.get_submodule(name).weight)  # type: ignore[arg-type]
     model.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        for layer in coded:
+            name = layer["name"]
+            key = f"{name}.weight" if name else "weight"
+            codes = unpack_codes(tensors[_CODES_PREFIX + key], spec.high_bits, layer["numel"]).reshape(layer["shape"])
+            m: Any = model.get_submodule(name)
+            m.weight.copy_(codes.float() * m.weight_quant.effective_scale().float())
     return model.eval()

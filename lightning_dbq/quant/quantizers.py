@@ -7,8 +7,22 @@
   batch it sees (averaged over ranks under ``torch.distributed``).
 
 Scales are positive by construction: the module stores a raw parameter ``p`` and uses ``|p| + eps``, so no
-optimizer step, however large, can make a scale zero or negative, while for ``p > 0`` the parameter *is* the scale
-(plain LSQ dynamics, which ALRS learning rates are tuned for).
+optimizer step, however large, can make a scale zero or negative.
+
+The shared weight scale is stored *relative to its initial value*: ``s_h = s_ref · (|p| + eps)`` with the buffer
+``s_ref`` fixed at initialisation and ``p`` starting at 1, and the gradient reaching ``p`` is ``∂L/∂s_h / s_ref``
+(not the chain-rule ``s_ref · ∂L/∂s_h``). Two consequences, both intended:
+
+* plain SGD moves ``s_h`` exactly as before (``Δs_h = s_ref·Δp = −lr·∂L/∂s_h``: LSQ's own dynamics, with its
+  gradient scale ``g``);
+* Adam-type optimizers, whose step is ≈ ``lr`` *in parameter units* whatever the gradient's size, now move
+  ``s_h`` by ≈ ``lr·s_ref`` — a relative step. Stored as a raw value, ``s_h`` (~1e-3: the lowest bit's scale
+  divided by ``2^(h−l_min)``) moved by a whole ``lr`` (1e-3 … 1e-2) per step, i.e. by more than itself: it crossed
+  zero, was reflected by ``|p|`` and wandered over ``[0, ~lr]``. At 8 bits that is harmless; at 2 bits the step is
+  ``2^6·s_h`` and a scale a few times too large rounds every 2-bit code to zero, which collapsed 2-bit training
+  to chance on some seeds (docs/design.md, "Scale parametrisation").
+
+State dicts from before this change (no ``scale_ref``) load exactly: ``s_ref = |p_old| + eps`` and ``p = 1``.
 """
 
 from __future__ import annotations
@@ -24,13 +38,24 @@ from torch import Tensor, nn
 from lightning_dbq.quant.functional import double_round_codes, floor_nest_fake, lsq_grad_scale, qrange
 from lightning_dbq.quant.kernels import check_kernel, kernels
 
-__all__ = ["SCALE_EPS", "ActQuantizer", "WeightQuantizer"]
+__all__ = ["SCALE_EPS", "ActQuantizer", "WeightQuantizer", "relative_scale"]
 
 SCALE_EPS = 1e-8
 
 
 def _positive(p: Tensor) -> Tensor:
     return p.abs() + SCALE_EPS
+
+
+def relative_scale(p: Tensor, ref: Tensor) -> Tensor:
+    """``s = ref · (|p| + eps)`` whose gradient with respect to ``p`` is ``sign(p) · ∂L/∂s / ref``.
+
+    The forward value is exactly ``ref · (|p| + eps)`` (the straight-through term adds an exact zero); see the
+    module docstring for why the gradient is divided by ``ref`` instead of multiplied.
+    """
+    a = _positive(p)
+    frozen = a.detach()
+    return ref * frozen + (a - frozen) / ref
 
 
 class WeightQuantizer(nn.Module):
@@ -53,6 +78,8 @@ class WeightQuantizer(nn.Module):
         mode: ``"double_round"`` (default), ``"floor"`` or ``"unshared"``.
         kernel: fake-quant back-end, ``"fused"`` | ``"eager"`` | ``"compile"`` (:mod:`lightning_dbq.quant.kernels`).
     """
+
+    scale_ref: Tensor
 
     def __init__(
         self,
@@ -77,7 +104,23 @@ class WeightQuantizer(nn.Module):
             self.scales = nn.ParameterDict({str(b): nn.Parameter(self._lsq_init(w, b)) for b in self.bits})
         else:
             low = self.bits[-1]
-            self.scale = nn.Parameter(self._lsq_init(w, low) / float(1 << (self.high_bits - low)))
+            init = self._lsq_init(w, low) / float(1 << (self.high_bits - low))
+            self.register_buffer("scale_ref", init)
+            self.scale = nn.Parameter(torch.ones_like(init))
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool, missing_keys: list[str],
+        unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:  # fmt: skip
+        key, ref_key = prefix + "scale", prefix + "scale_ref"
+        if self.mode != "unshared" and key in state_dict and ref_key not in state_dict:
+            # a state dict from before the relative parametrisation: s = |p| + eps  ->  s_ref = |p| + eps, p = 1
+            old = state_dict[key]
+            state_dict[ref_key] = _positive(old.detach())
+            state_dict[key] = torch.ones_like(old)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _lsq_init(self, w: Tensor, bits: int) -> Tensor:
         """``2·mean|W| / sqrt(Q_P(bits))`` (per tensor or per output channel)."""
@@ -89,10 +132,10 @@ class WeightQuantizer(nn.Module):
         return (2.0 * mean_abs / math.sqrt(qrange(bits, signed=True)[1])).clamp_min(1e-6)
 
     def effective_scale(self) -> Tensor:
-        """The positive scale ``|p| + eps`` actually used (the active bit's in ``"unshared"`` mode)."""
+        """The positive scale actually used: ``s_ref·(|p| + eps)`` (the active bit's ``|p| + eps`` when unshared)."""
         if self.mode == "unshared":
             return _positive(self.scales[str(self.active_bits)])
-        return _positive(self.scale)
+        return relative_scale(self.scale, self.scale_ref)
 
     def forward(self, w: Tensor) -> Tensor:
         """Fake-quantize ``w`` at :attr:`active_bits` (identity when disabled)."""

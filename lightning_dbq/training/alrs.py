@@ -24,7 +24,16 @@ from torch import nn
 from lightning_dbq.quant.layers import is_quant_layer
 from lightning_dbq.quant.norm import PerBitNorm
 
-__all__ = ["ALRS_MODES", "GROUP_KEY", "LAYER_KEY", "alrs_factor", "eq6_factor", "param_groups", "scaled_scale_lr"]
+__all__ = [
+    "ALRS_MODES",
+    "GROUP_KEY",
+    "LAYER_KEY",
+    "alrs_factor",
+    "classify_params",
+    "eq6_factor",
+    "param_groups",
+    "scaled_scale_lr",
+]
 
 ALRS_MODES = ("paper", "eq6", "off")
 GROUP_KEY = "dbq_group"
@@ -60,7 +69,9 @@ def eq6_factor(eta: float, base_lr: float, scale_grads: Sequence[torch.Tensor | 
     return max(eta * (base_lr - term) / base_lr, 0.0)
 
 
-def _classify(model: nn.Module) -> tuple[dict[int, str], dict[int, str]]:
+def classify_params(model: nn.Module) -> tuple[dict[int, str], dict[int, str]]:
+    """Kinds of a prepared model's parameters by ``id``: ``"weight_scales"``, ``"act_scales"`` or ``"norms"``
+    (anything else is a weight), and the layer name owning each weight scale."""
     kinds: dict[int, str] = {}
     layer_of: dict[int, str] = {}
     m: Any
@@ -94,7 +105,7 @@ def param_groups(
     ``scale_weight_decay`` (default 0) and ``scale_lr`` (default ``lr``). Build schedulers *after* this (LambdaLR /
     OneCycleLR / cosine all work because the groups exist before the scheduler).
     """
-    kinds, layer_of = _classify(model)
+    kinds, layer_of = classify_params(model)
     buckets: dict[str, list[nn.Parameter]] = {"weights": [], "weight_scales": [], "act_scales": []}
     for p in model.parameters():
         if p.requires_grad:

@@ -17,15 +17,38 @@ import torch
 from lightning_dbq.training.alrs import GROUP_KEY, alrs_factor, eq6_factor, scaled_scale_lr
 from lightning_dbq.training.state import BitConfig, BitLoopState, get_state
 
-__all__ = ["check_training_setup", "run_bit_loop"]
+__all__ = ["UNSUPPORTED_STRATEGIES", "check_strategy", "check_training_setup", "run_bit_loop"]
+
+# sharded strategies: parameters are flattened/sharded, so per-layer scales, per-bit norms and the per-bit steps
+# on unused parameters do not map onto them (checked by class name: these classes import optional packages)
+UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def check_strategy(strategy: Any) -> None:
+    """Refuse sharded strategies (FSDP, DeepSpeed, model parallel) with a clear error.
+
+    Raises:
+        RuntimeError: ``strategy`` is (a subclass of) one of :data:`UNSUPPORTED_STRATEGIES`.
+    """
+    names = {c.__name__ for c in type(strategy).__mro__}
+    bad = sorted(names.intersection(UNSUPPORTED_STRATEGIES))
+    if bad:
+        raise RuntimeError(
+            f"lightning_dbq does not support the {bad[0]} strategy (sharded parameters): bit switching needs every "
+            "rank to hold whole layers with their per-bit scales and norms. Use a single device, DDP "
+            "(strategy='dbq_ddp' or DDPStrategy(find_unused_parameters=True)) or the 'dbq' strategies."
+        )
 
 
 def _ddp_find_unused(strategy: Any) -> bool | None:
-    from lightning.pytorch.strategies import DDPStrategy
+    """``find_unused_parameters`` of the DDP wrapper the strategy built (public attribute of torch's DDP), or
+    ``None`` when the model is not wrapped in DDP."""
+    from torch.nn.parallel import DistributedDataParallel
 
-    if not isinstance(strategy, DDPStrategy):
+    wrapped = getattr(strategy, "model", None)
+    if not isinstance(wrapped, DistributedDataParallel):
         return None
-    return bool(strategy._ddp_kwargs.get("find_unused_parameters", False))
+    return bool(wrapped.find_unused_parameters)
 
 
 def check_training_setup(module: Any, state: BitLoopState) -> None:
@@ -43,6 +66,7 @@ def check_training_setup(module: Any, state: BitLoopState) -> None:
             "instead (lightning_dbq.set_bits + manual_backward)."
         )
     trainer = module.trainer
+    check_strategy(trainer.strategy)
     if trainer.accumulate_grad_batches != 1:
         raise RuntimeError(
             f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) is not supported by the per-bit "
@@ -90,6 +114,7 @@ def run_bit_loop(
         state.checked = True
     configs = state.configs(int(module.trainer.global_step))
     high = state.bits[0]
+    closure = _recording(closure, state)
     groups = ("weight_scales", "act_scales") if state.alrs_act_scales else ("weight_scales",)
     try:
         if state.algorithm == "A1":
@@ -108,6 +133,18 @@ def run_bit_loop(
         return out
     finally:
         state.reset()
+
+
+def _recording(closure: Callable[[], Any], state: BitLoopState) -> Callable[[], Any]:
+    """The closure, recording each configuration's loss in ``state.losses`` (logged per bit by the callback)."""
+
+    def run() -> Any:
+        out = closure()
+        if isinstance(out, torch.Tensor):
+            state.losses[state.active_label] = out.detach()
+        return out
+
+    return run
 
 
 def _per_layer_eta(config: BitConfig, high: int) -> dict[str, float] | None:

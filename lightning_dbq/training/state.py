@@ -7,7 +7,7 @@ callbacks' ``state_dict`` (DESIGN.md section 3).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
@@ -41,6 +41,7 @@ class BitLoopState:
         sampler: optional per-layer config sampler (HASB); when set, pass ``i`` trains ``sampler(step, i, bits[i])``.
         active_label: label of the configuration being trained (for logging), set by the loop.
         teacher_logits: detached logits of the previous bit in this batch (KD), set by the training step.
+        losses: the detached loss of each configuration label in the current batch, set by the loop.
     """
 
     model: nn.Module
@@ -55,6 +56,7 @@ class BitLoopState:
     teacher_logits: Tensor | None = None
     backward_calls: int = 0
     checked: bool = False
+    losses: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:

@@ -54,5 +54,9 @@ class PlainClassifier(pl.LightningModule):
         x, y = batch
         self.log("val/loss", F.cross_entropy(self(x), y))
 
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test/loss", F.cross_entropy(self(x), y))
+
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr)

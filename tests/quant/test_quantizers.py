@@ -15,7 +15,8 @@ def test_weight_scale_initialised_for_lowest_bit() -> None:
     w = torch.randn(64, 32, 3, 3)
     q = WeightQuantizer(w, bits=[8, 6, 4, 2])
     expect = 2 * w.abs().mean().item() / math.sqrt(1) / 2 ** (8 - 2)  # Q_P(2) = 1
-    assert q.scale.item() == pytest.approx(expect, rel=1e-6)
+    assert q.effective_scale().item() == pytest.approx(expect, rel=1e-6)
+    assert q.scale.item() == 1.0  # stored relative to its initial value
     # low bits are not all zeros with this init (the LSQ-at-8-bit init makes every 2-bit code 0)
     _, q2 = double_round_codes(w, q.effective_scale(), 8, 2)
     assert (q2 != 0).float().mean() > 0.3
@@ -24,9 +25,9 @@ def test_weight_scale_initialised_for_lowest_bit() -> None:
 def test_per_channel_scale_shape_and_values() -> None:
     w = torch.randn(8, 4, 3, 3) * torch.arange(1, 9).view(8, 1, 1, 1)
     q = WeightQuantizer(w, bits=[8, 4], per_channel=True)
-    assert q.scale.shape == (8, 1, 1, 1)
+    assert q.scale.shape == (8, 1, 1, 1) and q.scale_ref.shape == (8, 1, 1, 1)
     expect = 2 * w.abs().reshape(8, -1).mean(1) / math.sqrt(7) / 2**4
-    torch.testing.assert_close(q.scale.view(-1), expect)
+    torch.testing.assert_close(q.effective_scale().detach().view(-1), expect)
     out = q(w)
     assert out.shape == w.shape
 
@@ -43,7 +44,7 @@ def test_scale_stays_positive_under_huge_negative_steps() -> None:
         assert q.effective_scale().item() > 0
         assert torch.isfinite(q(w)).all()
     q.scale.data.fill_(-123.0)
-    assert q.effective_scale().item() == pytest.approx(123.0)
+    assert q.effective_scale().item() == pytest.approx(123.0 * q.scale_ref.item())
 
 
 def test_weight_gradient_scale_uses_numel_and_qp_of_high_bits() -> None:
@@ -51,7 +52,7 @@ def test_weight_gradient_scale_uses_numel_and_qp_of_high_bits() -> None:
     q = WeightQuantizer(w, bits=[8, 4])
     q.active_bits = 4
     q(w).sum().backward()
-    g_scaled = q.scale.grad.item()
+    g_scaled = q.scale.grad.item() * q.scale_ref.item()  # the parameter's gradient is ∂L/∂s / s_ref
     s = q.effective_scale().detach().clone().requires_grad_(True)
     from lightning_dbq.quant.functional import double_round_fake
 

@@ -144,15 +144,28 @@ def test_guard_gradient_accumulation() -> None:
         _trainer(strategy="dbq", accumulate_grad_batches=2).fit(module, _dm())
 
 
-def test_guard_ddp_without_find_unused_parameters() -> None:
-    from lightning.pytorch.strategies import DDPStrategy
+def test_guard_ddp_without_find_unused_parameters(tmp_path) -> None:
+    """The guard reads the public ``find_unused_parameters`` of the DDP wrapper the strategy built."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
 
     model = dbq.prepare(TinyNet(), bits=[8, 2])
     state = BitLoopState(model=model, bits=(8, 2))
-    trainer = types.SimpleNamespace(accumulate_grad_batches=1, strategy=DDPStrategy(), optimizers=[])
-    module = types.SimpleNamespace(automatic_optimization=True, trainer=trainer)
-    with pytest.raises(RuntimeError, match="find_unused_parameters=True"):
-        check_training_setup(module, state)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        for flag in (False, True):
+            wrapped = DistributedDataParallel(model, find_unused_parameters=flag)
+            strategy = types.SimpleNamespace(model=wrapped)
+            opts = [torch.optim.SGD(model.parameters(), lr=0.1)]
+            trainer = types.SimpleNamespace(accumulate_grad_batches=1, strategy=strategy, optimizers=opts)
+            module = types.SimpleNamespace(automatic_optimization=True, trainer=trainer)
+            if flag:
+                check_training_setup(module, state)
+            else:
+                with pytest.raises(RuntimeError, match="find_unused_parameters=True"):
+                    check_training_setup(module, state)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_guard_quantized_parameters_missing_from_optimizer() -> None:
