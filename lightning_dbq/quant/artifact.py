@@ -126,11 +126,19 @@ def save_int(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={_META_KEY: json.dumps(manifest)})
+        os.chmod(tmp, _file_mode())  # mkstemp makes 0600: a server running as another user could not read it
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _file_mode() -> int:
+    """``0o666`` minus the process umask (what ``open()`` would have given a new file)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -13,13 +13,39 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_dbq.quant.prepare import quant_enabled, quantized_layers
 from lightning_dbq.search.figures import pyplot, save_figure
 from lightning_dbq.search.hessian import LayerTrace, hutchinson_traces
 
-__all__ = ["load_traces", "plot_traces", "profile_traces", "save_traces"]
+__all__ = ["load_traces", "plot_traces", "profile_traces", "save_traces", "shard_batches"]
+
+
+def shard_batches(batches: Sequence[tuple[Tensor, Tensor]], rank: int, world_size: int) -> list[tuple[Tensor, Tensor]]:
+    """Rank ``rank``'s equal share of a fixed image set (the same ``batches`` on every rank).
+
+    The images are split into ``world_size`` contiguous shards of ``N // world_size`` images each (the remainder
+    is dropped so ranks can be averaged with equal weights), re-batched with the original batch size.
+
+    Raises:
+        ValueError: bad rank/world size, or fewer images than ranks.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if world_size == 1:
+        return list(batches)
+    xs = [x for x, _ in batches]
+    ys = [y for _, y in batches]
+    x_all, y_all = torch.cat(xs), torch.cat(ys)
+    per_rank = len(x_all) // world_size
+    if per_rank == 0:
+        raise ValueError(f"{len(x_all)} calibration image(s) cannot be shared by {world_size} ranks")
+    size = max(len(xs[0]), 1)
+    lo = rank * per_rank
+    x_mine, y_mine = x_all[lo : lo + per_rank], y_all[lo : lo + per_rank]
+    return [(x_mine[i : i + size], y_mine[i : i + size]) for i in range(0, per_rank, size)]
 
 
 def profile_traces(

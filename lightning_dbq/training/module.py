@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import override
 
 from lightning_dbq.quant.factory import create_fp_model
 from lightning_dbq.quant.prepare import prepare
@@ -111,10 +112,12 @@ class DBQModule(pl.LightningModule):
         """Candidate bits, descending."""
         return self.dbq_state.bits
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits at the currently active bits."""
         return self.model(x)  # type: ignore[no-any-return]
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Loss at the active bit (the per-bit loop calls this once per bit)."""
         x, y = batch[0], batch[1]
@@ -129,11 +132,13 @@ class DBQModule(pl.LightningModule):
         self.log(f"train/loss_{label}", loss, on_step=True, on_epoch=True, prog_bar=state.active_bits == state.bits[-1])
         return loss
 
+    @override
     def on_train_start(self) -> None:
         """Run the loop's guards before the first batch (manual optimization would never reach the loop)."""
         check_training_setup(self, self.dbq_state)
         self.dbq_state.checked = True
 
+    @override
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         """Run the per-bit loop here unless the strategy already does."""
         if is_bit_switch_strategy(self.trainer.strategy):
@@ -148,24 +153,29 @@ class DBQModule(pl.LightningModule):
             metrics.update(bit_label(b), self(x), y)
         self.dbq_state.reset()
 
+    @override
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Accuracy at every bit."""
         self._eval_step(batch, self.val_metrics)
 
+    @override
     def on_validation_epoch_end(self) -> None:
         """Log ``val/acc_w{b}a{b}``, ``val/acc_min``, ``val/acc_mean``."""
         self.log_dict(self.val_metrics.compute("val"), prog_bar=False)
         self.val_metrics.reset()
 
+    @override
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """Accuracy at every bit."""
         self._eval_step(batch, self.test_metrics)
 
+    @override
     def on_test_epoch_end(self) -> None:
         """Log ``test/acc_w{b}a{b}``, ``test/acc_min``, ``test/acc_mean``."""
         self.log_dict(self.test_metrics.compute("test"))
         self.test_metrics.reset()
 
+    @override
     def configure_optimizers(self) -> Any:
         """Paper defaults: Adam(lr 5e-4, wd 5e-5) + cosine over the whole fit; scales in their own groups (ALRS)."""
         hp = self.hparams_any

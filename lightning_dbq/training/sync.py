@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch import nn
+from typing_extensions import override
 
 __all__ = ["TimmSyncBatchNorm"]
 
@@ -20,12 +21,14 @@ __all__ = ["TimmSyncBatchNorm"]
 class TimmSyncBatchNorm(TorchSyncBatchNorm):
     """SyncBatchNorm conversion through ``timm.layers.convert_sync_batchnorm`` (and back)."""
 
+    @override
     def apply(self, model: nn.Module) -> nn.Module:
         """Convert every BatchNorm (timm BatchNormAct2d → SyncBatchNormAct, others → SyncBatchNorm)."""
         from timm.layers import convert_sync_batchnorm
 
         return convert_sync_batchnorm(model)  # type: ignore[no-any-return]
 
+    @override
     def revert(self, model: nn.Module) -> nn.Module:
         """Convert back; ``SyncBatchNormAct`` becomes ``BatchNormAct2d`` with its activation and drop."""
         from timm.layers import BatchNormAct2d, SyncBatchNormAct

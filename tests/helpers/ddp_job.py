@@ -1,7 +1,8 @@
 """A 2-process CPU (gloo) DDP job for tests: ``python -m tests.helpers.ddp_job MODE OUT_DIR``.
 
 MODE: ``module`` (DBQModule + dbq_ddp_spawn), ``dropin`` (plain module + DoubleRoundingQAT + stock DDP),
-``no_find_unused`` (stock DDP without find_unused_parameters: must fail with our guard). Each rank writes
+``no_find_unused`` (stock DDP without find_unused_parameters: must fail with our guard), ``hessian``
+(DBQModule + HessianTraces on 64 calibration images, one epoch). Each rank writes
 ``rank{r}.json`` with its backward-pass count, batch count, a hash of the full state dict and logged metrics.
 """
 
@@ -19,6 +20,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_dbq.data import SyntheticDataModule
 from lightning_dbq.training import DBQModule, DoubleRoundingQAT
+from lightning_dbq.training.callbacks import HessianTraces
 from tests.helpers.tiny import PlainClassifier, TinyNet
 
 
@@ -44,6 +46,10 @@ class _Dump(Callback):
             "state_hash": h.hexdigest(),
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         }
+        hessian = [cb for cb in trainer.callbacks if isinstance(cb, HessianTraces)]  # type: ignore[attr-defined]
+        if hessian and hessian[0].traces is not None:
+            row["hessian_images"] = hessian[0].images_used
+            row["traces"] = {n: t.trace for n, t in hessian[0].traces.items()}
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(row))
 
 
@@ -60,14 +66,18 @@ def main(mode: str, out: Path) -> None:
         module = PlainClassifier()
         callbacks.append(DoubleRoundingQAT(bits=[8, 4, 2], num_classes=4))
         strategy = DDPStrategy(find_unused_parameters=True, start_method="spawn")
+    elif mode == "hessian":
+        module = DBQModule(TinyNet(), num_classes=4, bits=[8, 4, 2], lr=5e-3)
+        strategy = "dbq_ddp_spawn"
+        callbacks.append(HessianTraces(num_images=64, batch_size=16, min_samples=4, max_samples=8))
     elif mode == "no_find_unused":
         module = DBQModule(TinyNet(), num_classes=4, bits=[8, 4, 2])
         strategy = DDPStrategy(find_unused_parameters=False, start_method="spawn")
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_epochs=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        accelerator="cpu", devices=2, strategy=strategy, max_epochs=1 if mode == "hessian" else 2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     )  # fmt: skip
     trainer.fit(module, dm)
 

@@ -143,3 +143,23 @@ def test_wrong_format_version_is_rejected(tmp_path: Path) -> None:
 def test_unprepared_model_cannot_be_saved(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not prepared"):
         dbq.save_int(timm.create_model("resnet18", num_classes=10), tmp_path / "x.dbq.safetensors")
+
+
+def test_artifact_file_mode_follows_the_umask(tmp_path) -> None:
+    """Artifacts are readable by other users under the usual umask (mkstemp alone would give 0600)."""
+    import os
+    import stat
+
+    from tests.helpers.tiny import TinyNet
+
+    model = dbq.prepare(TinyNet(), bits=[8, 2])
+    model(torch.randn(2, 3, 8, 8))
+    old = os.umask(0o022)
+    try:
+        path = dbq.save_int(model.eval(), tmp_path / "m.dbq.safetensors", model_name="x")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        os.umask(0o077)
+        path = dbq.save_int(model, tmp_path / "m.dbq.safetensors", model_name="x")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        os.umask(old)

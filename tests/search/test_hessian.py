@@ -388,3 +388,20 @@ def test_two_gloo_ranks_agree() -> None:
         r0, r1 = torch.load(f"{result_file}.0"), torch.load(f"{result_file}.1")
     assert r0 == r1
     assert all(n >= 8 for _, n in r0.values())
+
+
+def test_shard_batches_splits_images_equally_and_disjointly() -> None:
+    from lightning_dbq.search.profile import shard_batches
+
+    x = torch.arange(50, dtype=torch.float32).view(50, 1)
+    batches = [(x[i : i + 16], x[i : i + 16, 0].long()) for i in range(0, 50, 16)]  # 16, 16, 16, 2
+    shards = [shard_batches(batches, r, 3) for r in range(3)]
+    seen = [torch.cat([b[0] for b in s]).view(-1).tolist() for s in shards]
+    assert [len(s) for s in seen] == [16, 16, 16]  # 50 // 3 each, remainder dropped
+    assert sorted(sum(seen, [])) == list(range(48))  # disjoint, contiguous, nothing repeated
+    assert all(len(b[0]) <= 16 for s in shards for b in s)
+    assert shard_batches(batches, 0, 1) == batches
+    with pytest.raises(ValueError, match="cannot be shared"):
+        shard_batches([(x[:1], x[:1, 0].long())], 0, 2)
+    with pytest.raises(ValueError, match="rank"):
+        shard_batches(batches, 3, 3)

@@ -52,3 +52,12 @@ def test_ddp_without_find_unused_parameters_fails_clearly(tmp_path: Path) -> Non
     proc = _run("no_find_unused", tmp_path)
     assert proc.returncode != 0
     assert "DDP needs find_unused_parameters=True" in proc.stderr
+
+
+def test_ddp_hessian_traces_shard_images_and_agree(tmp_path: Path) -> None:
+    """Each rank profiles half of the 64 calibration images (not all 64 twice) and both end with the same traces."""
+    proc = _run("hessian", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = _ranks(tmp_path)
+    assert r0["hessian_images"] == r1["hessian_images"] == 32
+    assert r0["traces"] == r1["traces"] and set(r0["traces"]) == {"conv2", "conv3"}

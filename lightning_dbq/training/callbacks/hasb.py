@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from lightning_dbq.quant.norm import TransitionalNorm
 from lightning_dbq.quant.prepare import quantized_layers
@@ -96,9 +97,11 @@ class HASB(Callback):
         self.draws += len(config)
         return config
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch < self.warmup_epochs:
             return
@@ -112,18 +115,22 @@ class HASB(Callback):
             self.norms_initialised = True
         self.switched = self.draws = 0
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sigma = self.sigma(trainer.current_epoch, int(trainer.max_epochs or 1))
         pl_module.log("hasb/sigma", sigma)
         pl_module.log("hasb/switch_rate", self.switched / max(self.draws, 1))
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         get_state(pl_module).sampler = None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"sampler": self.sampler.state_dict() if self.sampler else None,
                 "norms_initialised": self.norms_initialised}  # fmt: skip
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("sampler"):
             self.sampler = HASBSampler.from_state_dict(state_dict["sampler"])

@@ -17,6 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
 
 from lightning_dbq.quant.artifact import save_int
 from lightning_dbq.search.figures import pyplot, save_figure
@@ -63,6 +64,7 @@ class DBQReport(Callback):
         self.plot = plot
         self.history: list[dict[str, float]] = []
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_validation_end runs after the module's on_validation_epoch_end has logged this epoch's metrics
         if trainer.sanity_checking:
@@ -73,13 +75,16 @@ class DBQReport(Callback):
                 row[k[len("val/acc_") :]] = float(v)
         self.history.append(row)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
 
     @rank_zero_only
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state = get_state(pl_module)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -13,6 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from lightning_dbq.quant.prepare import quantized_layers
 from lightning_dbq.search.plots import plot_bit_heatmap, plot_pareto
@@ -55,6 +56,7 @@ class SubNetSearch(Callback):
         self.max_bops, self.enumerate_alg2 = max_bops, enumerate_alg2
         self.result: list[dict[str, Any]] | None = None
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         result = self._run(trainer, pl_module) if trainer.is_global_zero else None
         self.result = trainer.strategy.broadcast(result, src=0)
