@@ -3,7 +3,9 @@ SHELL := /bin/bash
 PY ?= python3
 # uv is installed on demand (pip install uv) when it is not on PATH.
 UV := $(shell command -v uv 2>/dev/null || echo "$(PY) -m uv")
-RUN := $(UV) run --frozen
+# optional extras installed by `make setup` (onnx: ONNX export + ONNX Runtime for serving)
+EXTRAS ?= --extra onnx
+RUN := $(UV) run --frozen $(EXTRAS)
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -14,7 +16,7 @@ help: ## list the targets
 
 setup: ## install uv if missing, then the locked environment (.venv)
 	@command -v uv >/dev/null 2>&1 || $(PY) -m uv --version >/dev/null 2>&1 || $(PY) -m pip install --quiet uv
-	$(UV) sync --frozen
+	$(UV) sync --frozen $(EXTRAS)
 
 train: setup ## run the main job: {8,6,4,2} multi-precision training on the bundled digits (outputs/train/...)
 	$(RUN) dbq-train $(ARGS)

@@ -17,7 +17,7 @@ from lightning_dbq.quant.prepare import prepare
 from lightning_dbq.quant.spec import validate_bits
 from lightning_dbq.training.alrs import param_groups
 from lightning_dbq.training.distill import kd_loss
-from lightning_dbq.training.loop import check_training_setup, run_bit_loop
+from lightning_dbq.training.loop import check_strategy, check_training_setup, run_bit_loop
 from lightning_dbq.training.metrics import PerBitMetrics
 from lightning_dbq.training.state import BitLoopState, bit_label
 from lightning_dbq.training.strategy import is_bit_switch_strategy
@@ -131,6 +131,11 @@ class DBQModule(pl.LightningModule):
         label = state.active_label or bit_label(state.bits[0])
         self.log(f"train/loss_{label}", loss, on_step=True, on_epoch=True, prog_bar=state.active_bits == state.bits[-1])
         return loss
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Refuse sharded strategies (FSDP, DeepSpeed) before anything is wrapped."""
+        check_strategy(self.trainer.strategy)
 
     @override
     def on_train_start(self) -> None:
