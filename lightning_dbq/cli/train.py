@@ -1,7 +1,11 @@
 """``dbq-train``: Hydra entry point for multi-precision training.
 
 ``dbq-train hydra.run.dir=DIR [overrides]`` writes ``DIR/results.json``, ``DIR/model.dbq.safetensors``,
-``DIR/per_bit_accuracy.png`` and checkpoints under ``DIR/checkpoints``.
+``DIR/per_bit_accuracy.png``, checkpoints under ``DIR/checkpoints`` and the run's log, ``DIR/train.log`` (Hydra's
+job log: lightning_dbq's and Lightning's INFO lines, ending with the per-bit accuracies).
+
+W&B runs (``logger=wandb``) are grouped by bit list (``bits-8-6-4-2``) and named after it plus the job's Hydra
+override dirname (see :func:`wandb_run_names`); ``logger.wandb.name`` / ``logger.wandb.group`` override both.
 """
 
 from __future__ import annotations
@@ -11,18 +15,68 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_dbq.cli._conf import config_dir
 from lightning_dbq.cli.validate import check_num_classes, validate_train_config
 
-__all__ = ["main", "train"]
+__all__ = ["main", "train", "wandb_run_names"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lightning_dbq.cli.train")  # not __name__, which is "__main__" under `python -m`
 
 
 def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if node is not None else None
+
+
+def route_lightning_logs() -> None:
+    """Send Lightning's log records through the root logger, i.e. to Hydra's console and ``train.log`` handlers.
+
+    Lightning installs its own stderr handlers (on ``lightning``, and on ``lightning.pytorch`` / ``lightning.fabric``
+    when imported before logging is configured, with propagation off there). When the root logger has handlers
+    (Hydra's job logging), those stream handlers are removed and propagation is on, so every Lightning line is
+    written once, to the console and to ``train.log``.
+    """
+    if not logging.getLogger().handlers:  # no logging configured (plain Python): keep Lightning's own handlers
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        for handler in [h for h in lg.handlers if type(h) is logging.StreamHandler]:
+            lg.removeHandler(handler)
+        lg.propagate = True
+
+
+def wandb_run_names(cfg: DictConfig) -> tuple[str, str]:
+    """Derived W&B ``(name, group)`` of a training run.
+
+    The group is the bit list, highest first (``bits-8-6-4-2``), so all runs of one bit list compare side by side.
+    The name is the group followed by the job's Hydra ``override_dirname`` (the command-line overrides, minus the
+    keys in ``hydra.job.config.override_dirname.exclude_keys``: ``quant.bits`` and the logger keys), e.g.
+    ``bits-8-6-4-2_optim.lr=0.001,seed=1``; just the group outside a Hydra job or without other overrides.
+    """
+    group = "bits-" + "-".join(str(b) for b in sorted((int(b) for b in cfg.quant.bits), reverse=True))
+    dirname = HydraConfig.get().job.override_dirname if HydraConfig.initialized() else ""
+    return (f"{group}_{dirname}" if dirname else group), group
+
+
+def _name_wandb_run(cfg: DictConfig) -> None:
+    """Fill ``logger.wandb.name`` / ``logger.wandb.group`` from :func:`wandb_run_names` unless the user set them."""
+    node = (cfg.get("logger") or {}).get("wandb")
+    if node is None:
+        return
+    name, group = wandb_run_names(cfg)
+    with open_dict(node):
+        if not node.get("name"):
+            node.name = name
+        if not node.get("group"):
+            node.group = group
+
+
+def _log_final_accuracy(metrics: dict[str, float]) -> None:
+    accs = {k[len("val/acc_") :]: v for k, v in metrics.items() if k.startswith("val/acc_")}
+    if accs:
+        log.info("final val accuracy per bit-width: %s", ", ".join(f"{k} {100 * v:.2f} %" for k, v in accs.items()))
 
 
 def _instantiate_dict(node: Any) -> list[Any]:
@@ -62,16 +116,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     import lightning_dbq.training  # noqa: F401  (registers the dbq strategies)
 
+    route_lightning_logs()
     validate_train_config(cfg)
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
-    for name in ("lightning.pytorch", "lightning.fabric"):  # Lightning prints itself; avoid duplicate lines
-        logging.getLogger(name).propagate = False
+    log.info("dbq-train: model %s, bits %s, data %s", cfg.model.name, list(cfg.quant.bits), cfg.data.get("_target_"))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     check_num_classes(datamodule.num_classes, cfg)
     module = build_module(cfg, datamodule.num_classes, datamodule.in_chans)
     callbacks = _instantiate_dict(cfg.get("callbacks"))
+    _name_wandb_run(cfg)
     loggers = _instantiate_dict(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all")
     for lg in loggers:
@@ -82,6 +137,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("test"):
             for row in trainer.test(module, datamodule=datamodule, verbose=False):
                 metrics.update({k: float(v) for k, v in row.items()})
+        _log_final_accuracy(metrics)
         return metrics
     finally:
         _finish_wandb()

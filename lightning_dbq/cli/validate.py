@@ -30,6 +30,7 @@ def validate_train_config(cfg: Any) -> None:
     import timm
 
     import lightning_dbq.models  # noqa: F401  (register cifar_resnet*)
+    from lightning_dbq.quant.factory import close_model_names
     from lightning_dbq.quant.kernels import KERNELS
     from lightning_dbq.quant.spec import WEIGHT_MODES, validate_bits
     from lightning_dbq.training.alrs import ALRS_MODES
@@ -38,8 +39,9 @@ def validate_train_config(cfg: Any) -> None:
 
     name = _get(cfg, "model.name")
     if not isinstance(name, str) or not timm.is_model(name):
-        close = timm.list_models(f"*{str(name).split('_')[0]}*")[:6] if isinstance(name, str) else []
-        raise ConfigError(f"model.name: unknown model {name!r}; any timm model name is allowed (close: {close})")
+        close = close_model_names(name) if isinstance(name, str) else []
+        hint = f"did you mean {close[0]!r}? (close timm names: {close})" if close else "see timm.list_models()"
+        raise ConfigError(f"model.name: unknown model {name!r}; any timm model name is allowed; {hint}")
     try:
         validate_bits(list(_get(cfg, "quant.bits", [])), "quant.bits")
     except (TypeError, ValueError) as e:
@@ -52,11 +54,12 @@ def validate_train_config(cfg: Any) -> None:
         value = _get(cfg, key, default)
         if value not in allowed:
             raise ConfigError(f"{key}: got {value!r}; allowed: {list(allowed)}")
-    root = _get(cfg, "data.root")
     target = str(_get(cfg, "data._target_", ""))
     downloads = target.endswith("CIFAR10DataModule") and _get(cfg, "data.download", False)
-    if root is not None and not downloads and not Path(str(root)).exists():
-        raise ConfigError(f"data.root: {root!r} does not exist (absolute: {Path(str(root)).resolve()})")
+    for key in ("data.root", "data.test_root"):
+        root = _get(cfg, key)
+        if root is not None and not downloads and not Path(str(root)).exists():
+            raise ConfigError(f"{key}: {root!r} does not exist (absolute: {Path(str(root)).resolve()})")
     kw_classes = _get(cfg, "model.kwargs.num_classes")
     if kw_classes is not None:
         raise ConfigError(

@@ -9,18 +9,28 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+from typing_extensions import TypedDict, Unpack
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "SplitIndices", "balanced_subset", "stratified_split"]
+from lightning_dbq.models.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
 
-CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "SplitArgs",
+    "SplitDataModule",
+    "SplitIndices",
+    "balanced_subset",
+    "image_transform",
+    "stratified_split",
+]
 
 # Offsets that derive independent generator streams from the one user-facing seed.
 _SPLIT_STREAM, _SUBSET_STREAM, _CALIB_STREAM, _SHUFFLE_STREAM = 0, 1, 2, 3
@@ -148,66 +158,50 @@ def _balanced(indices: Sequence[int], targets: Sequence[int], num: int, gen: tor
 
 
 def resize_center_crop(images: Tensor, size: int) -> Tensor:
-    """Resize the shorter side to ``size`` (bilinear, antialiased) and center-crop a square; no-op if equal."""
-    height, width = images.shape[-2:]
-    if height == size and width == size:
+    """Resize the shorter side to ``size`` (bilinear, antialiased) and center-crop a square; no-op if equal.
+
+    Accepts one ``(C, H, W)`` image or a ``(N, C, H, W)`` batch, uint8 or float (``torchvision.transforms.v2``).
+    """
+    if tuple(images.shape[-2:]) == (size, size):
         return images
-    scale = size / min(height, width)
-    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
-    is_uint8 = images.dtype == torch.uint8
-    batch = images.float() if images.dim() == 4 else images.float().unsqueeze(0)
-    batch = F.interpolate(batch, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    batch = batch[..., top : top + size, left : left + size]
-    if images.dim() == 3:
-        batch = batch.squeeze(0)
-    return batch.round().clamp(0, 255).to(torch.uint8) if is_uint8 else batch
+    resized = TF.resize(images, [size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    return TF.center_crop(resized, [size, size])
 
 
-class ImageTransform:
-    """CHW image tensor → normalised float tensor, with optional pad-and-random-crop and horizontal flip.
+def image_transform(
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    size: int,
+    resize: bool = False,
+    crop_padding: int = 0,
+    flip: bool = False,
+) -> v2.Compose:
+    """CHW image tensor → normalised float tensor (a ``torchvision.transforms.v2`` pipeline).
 
-    A ``uint8`` input is scaled to [0, 1] first; padding uses 0 (black) before normalisation, as torchvision's
-    ``RandomCrop(padding=p)`` followed by ``ToTensor`` + ``Normalize`` does. Randomness comes from torch's global
-    RNG (seeded per DataLoader worker by torch, and by ``seed_everything``).
+    Steps: optional :func:`resize_center_crop` to ``size``; uint8 → float in [0, 1] (float input is kept as is);
+    optional ``RandomCrop(size, padding=crop_padding)`` (zero padding, before normalisation) and horizontal flip
+    (p = 0.5); ``Normalize(mean, std)``. Randomness comes from torch's global RNG (seeded per DataLoader worker by
+    torch, and by ``seed_everything``); the sample *order* is seeded separately (:class:`EpochRandomSampler`).
 
     Args:
         mean: Per-channel mean (length ``C`` or 1).
         std: Per-channel std (length ``C`` or 1).
-        size: If given, resize + center-crop to this square size first.
+        size: Side of the square output image.
+        resize: Resize + center-crop to ``size`` first (otherwise the input must already be ``size`` × ``size``).
         crop_padding: Zero padding of the random crop; 0 disables the crop.
-        flip: Random horizontal flip with probability 0.5.
+        flip: Random horizontal flip.
     """
-
-    def __init__(
-        self,
-        mean: Sequence[float],
-        std: Sequence[float],
-        *,
-        size: int | None = None,
-        crop_padding: int = 0,
-        flip: bool = False,
-    ) -> None:
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        self.size = size
-        self.crop_padding = crop_padding
-        self.flip = flip
-
-    def __call__(self, image: Tensor) -> Tensor:
-        """Transform one ``(C, H, W)`` image."""
-        if self.size is not None:
-            image = resize_center_crop(image, self.size)
-        image = image.float().div(255.0) if image.dtype == torch.uint8 else image.float()
-        if self.crop_padding > 0:
-            pad = self.crop_padding
-            height, width = image.shape[-2:]
-            padded = F.pad(image, (pad, pad, pad, pad))
-            top, left = torch.randint(0, 2 * pad + 1, (2,)).tolist()
-            image = padded[:, top : top + height, left : left + width]
-        if self.flip and bool(torch.rand(()) < 0.5):
-            image = image.flip(-1)
-        return (image - self.mean) / self.std
+    steps: list[Callable[..., Any]] = []
+    if resize:
+        steps += [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    if crop_padding > 0:
+        steps.append(v2.RandomCrop(size, padding=crop_padding))
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps.append(v2.Normalize([float(m) for m in mean], [float(s) for s in std]))
+    return v2.Compose(steps)
 
 
 class TensorImageDataset(Dataset[Batch]):
@@ -246,13 +240,18 @@ def check_fraction(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in (0, 1), got {value}")
 
 
-class SplitDataModule(pl.LightningDataModule):
-    """Base class: seeded stratified train/val split, loaders and calibration batches.
+def check_mean_std(mean: Sequence[float], std: Sequence[float], channels: int = 3) -> None:
+    """Raise ``ValueError`` unless ``mean`` and ``std`` have ``channels`` values and ``std`` is positive."""
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean and std must have {channels} values (RGB), got mean={mean!r}, std={std!r}")
+    if min(std) <= 0:
+        raise ValueError(f"std must be positive, got {std!r}")
 
-    Subclasses set ``num_classes``, ``in_chans`` and ``image_size`` in ``__init__`` and implement ``_targets``
-    (labels of the train pool, loading whatever is needed) and ``_dataset``.
 
-    Args:
+class SplitArgs(TypedDict, total=False):
+    """Keyword arguments every data module accepts (declared once here; see :class:`SplitDataModule`).
+
+    Attributes:
         batch_size: Batch size of every loader.
         num_workers: DataLoader worker processes.
         seed: Seed of the split, the train subset, the calibration subset and the train shuffling.
@@ -263,21 +262,46 @@ class SplitDataModule(pl.LightningDataModule):
         train_subset: Keep only this many training images (per-class balanced, seeded); ``None`` keeps all.
     """
 
+    batch_size: int
+    num_workers: int
+    seed: int
+    pin_memory: bool
+    drop_last: bool
+    val_fraction: float
+    val_per_class: int | None
+    train_subset: int | None
+
+
+class SplitDataModule(pl.LightningDataModule):
+    """Base class: seeded stratified train/val split, loaders and calibration batches.
+
+    Subclasses add only their own constructor arguments, take the shared ones as ``**kwargs: Unpack[SplitArgs]``
+    and pass them on with :meth:`split_kwargs` (which applies the subclass's :attr:`split_defaults`). They set
+    ``num_classes``, ``in_chans`` and ``image_size`` in ``__init__`` and implement ``_targets`` (labels of the train
+    pool, loading whatever is needed) and ``_dataset``. ``hparams`` records every argument, shared and own.
+
+    Args:
+        batch_size, num_workers, seed, pin_memory, drop_last, val_fraction, val_per_class, train_subset: see
+            :class:`SplitArgs`.
+    """
+
     num_classes: int
     in_chans: int
     image_size: int
+    #: Subclass defaults of the shared arguments that differ from this class's (e.g. ``{"batch_size": 32}``).
+    split_defaults: ClassVar[SplitArgs] = {}
 
     def __init__(
         self,
         *,
-        batch_size: int,
-        num_workers: int,
-        seed: int,
-        pin_memory: bool,
-        drop_last: bool,
-        val_fraction: float,
-        val_per_class: int | None,
-        train_subset: int | None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        val_fraction: float = 0.1,
+        val_per_class: int | None = None,
+        train_subset: int | None = None,
     ) -> None:
         super().__init__()
         check_int("batch_size", batch_size, 1)
@@ -296,10 +320,18 @@ class SplitDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.val_per_class = val_per_class
         self.train_subset = train_subset
+        # collects this frame's arguments and those of the subclass __init__ that called it
+        self.save_hyperparameters()
         self._split: SplitIndices | None = None
         self.train_set: Dataset[Batch] | None = None
         self.val_set: Dataset[Batch] | None = None
         self.test_set: Dataset[Batch] | None = None
+
+    @classmethod
+    def split_kwargs(cls, **kwargs: Unpack[SplitArgs]) -> SplitArgs:
+        """The shared arguments a subclass passes to ``super().__init__``: its :attr:`split_defaults`, then the
+        caller's ``kwargs``."""
+        return {**cls.split_defaults, **kwargs}
 
     @abstractmethod
     def _targets(self) -> Sequence[int]:

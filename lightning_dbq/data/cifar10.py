@@ -9,15 +9,19 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10
+from torchvision.transforms import v2
+from typing_extensions import Unpack
 
 from lightning_dbq.data._base import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     Batch,
-    ImageTransform,
+    SplitArgs,
     SplitDataModule,
     TensorImageDataset,
     check_int,
+    check_mean_std,
+    image_transform,
     resize_center_crop,
 )
 
@@ -50,19 +54,12 @@ class CIFAR10DataModule(SplitDataModule):
     Args:
         root: Folder that contains (or will receive) ``cifar-10-batches-py/``.
         download: Download the data in ``prepare_data`` if absent (needs internet).
-        batch_size: Batch size of every loader.
-        val_per_class: Exact number of images per class held out; takes precedence over ``val_fraction``.
-        val_fraction: Fraction of each class held out when ``val_per_class`` is ``None``.
         image_size: Side of the model input (images are resized once at load time when it differs from 32).
         augment: Random crop (padding 4) + horizontal flip on training images.
-        train_subset: Keep only this many training images (per-class balanced, seeded).
         official_test: Test on CIFAR-10's test set (``True``) or on the validation split (``False``).
         mean: Normalisation mean.
         std: Normalisation std.
-        num_workers: DataLoader worker processes.
-        seed: Seed of the split, the subsets and the shuffling.
-        pin_memory: DataLoader ``pin_memory``.
-        drop_last: Drop the last incomplete training batch.
+        **kwargs: The shared :class:`~lightning_dbq.data.SplitArgs` (``batch_size``, ``val_per_class``, ``seed``, ...).
 
     Raises:
         FileNotFoundError: If the data is absent and ``download=False`` (the message says to pass
@@ -74,42 +71,22 @@ class CIFAR10DataModule(SplitDataModule):
         self,
         root: str,
         download: bool = False,
-        batch_size: int = 128,
-        val_per_class: int | None = None,
-        val_fraction: float = 0.1,
         image_size: int = 32,
         augment: bool = True,
-        train_subset: int | None = None,
         official_test: bool = True,
         mean: Sequence[float] = CIFAR10_MEAN,
         std: Sequence[float] = CIFAR10_STD,
-        num_workers: int = 0,
-        seed: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool = False,
+        **kwargs: Unpack[SplitArgs],
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            val_fraction=val_fraction,
-            val_per_class=val_per_class,
-            train_subset=train_subset,
-        )
+        super().__init__(**self.split_kwargs(**kwargs))
         check_int("image_size", image_size, 1)
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"mean and std must have 3 values (RGB), got mean={mean!r}, std={std!r}")
-        if min(std) <= 0:
-            raise ValueError(f"std must be positive, got {std!r}")
+        check_mean_std(mean, std)
         self.root = os.fspath(root)
         self.download = download
         if not download:
             missing = _missing_files(self.root)
             if missing:
                 raise _not_found(self.root, f"missing {', '.join(missing)}")
-        self.save_hyperparameters()
         self.num_classes = 10
         self.in_chans = 3
         self.image_size = image_size
@@ -141,9 +118,9 @@ class CIFAR10DataModule(SplitDataModule):
     def _targets(self) -> Sequence[int]:
         return self._pool()[1].tolist()
 
-    def _transform(self, train: bool) -> ImageTransform:
+    def _transform(self, train: bool) -> v2.Compose:
         aug = train and self.augment
-        return ImageTransform(self.mean, self.std, crop_padding=4 if aug else 0, flip=aug)
+        return image_transform(self.mean, self.std, size=self.image_size, crop_padding=4 if aug else 0, flip=aug)
 
     def _dataset(self, indices: Sequence[int], *, train: bool) -> Dataset[Batch]:
         images, targets = self._pool()

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+from typing_extensions import Unpack
 
-from lightning_dbq.data._base import Batch, ImageTransform, SplitDataModule, TensorImageDataset, check_int
+from lightning_dbq.data._base import (
+    Batch,
+    SplitArgs,
+    SplitDataModule,
+    TensorImageDataset,
+    check_int,
+    image_transform,
+)
 
 __all__ = ["DigitsDataModule"]
 
@@ -24,17 +33,11 @@ class DigitsDataModule(SplitDataModule):
     is stratified per class; the test split is the validation split.
 
     Args:
-        batch_size: Batch size of every loader.
         image_size: Side of the (square) upsampled image.
         in_chans: 1 (grey) or 3 (grey replicated to RGB).
-        val_fraction: Fraction of each class held out for validation.
-        val_per_class: Exact number of images per class held out; takes precedence over ``val_fraction``.
-        train_subset: Keep only this many training images (per-class balanced, seeded).
         augment: Random shift of the training images (zero-padded random crop, ``image_size // 8`` pixels).
-        num_workers: DataLoader worker processes (0 is fastest: the data is in memory).
-        seed: Seed of the split, the subsets and the shuffling.
-        pin_memory: DataLoader ``pin_memory``.
-        drop_last: Drop the last incomplete training batch.
+        **kwargs: The shared :class:`~lightning_dbq.data.SplitArgs` (``batch_size``, ``seed``, ...); here
+            ``val_fraction`` defaults to 0.2 and ``num_workers`` is best left at 0 (the data is in memory).
 
     Raises:
         ValueError: For an out-of-range argument (the message names it).
@@ -45,34 +48,15 @@ class DigitsDataModule(SplitDataModule):
         (10, 3, 32)
     """
 
+    split_defaults: ClassVar[SplitArgs] = {"val_fraction": 0.2}
+
     def __init__(
-        self,
-        batch_size: int = 128,
-        image_size: int = 32,
-        in_chans: int = 3,
-        val_fraction: float = 0.2,
-        val_per_class: int | None = None,
-        train_subset: int | None = None,
-        augment: bool = False,
-        num_workers: int = 0,
-        seed: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool = False,
+        self, image_size: int = 32, in_chans: int = 3, augment: bool = False, **kwargs: Unpack[SplitArgs]
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            val_fraction=val_fraction,
-            val_per_class=val_per_class,
-            train_subset=train_subset,
-        )
+        super().__init__(**self.split_kwargs(**kwargs))
         check_int("image_size", image_size, 8)
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans!r}")
-        self.save_hyperparameters()
         self.num_classes = 10
         self.in_chans = in_chans
         self.image_size = image_size
@@ -108,4 +92,5 @@ class DigitsDataModule(SplitDataModule):
         images, labels = self._load()
         mean, std = self._stats()
         padding = self.image_size // 8 if (train and self.augment) else 0
-        return TensorImageDataset(images, labels, indices, ImageTransform(mean, std, crop_padding=padding))
+        transform = image_transform(mean, std, size=self.image_size, crop_padding=padding)
+        return TensorImageDataset(images, labels, indices, transform)

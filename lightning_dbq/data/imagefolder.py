@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -13,15 +13,19 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import v2
+from typing_extensions import Unpack
 
 from lightning_dbq.data._base import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     Batch,
-    ImageTransform,
+    SplitArgs,
     SplitDataModule,
     TensorImageDataset,
     check_int,
+    check_mean_std,
+    image_transform,
     resize_center_crop,
 )
 
@@ -47,10 +51,20 @@ def _check_dir(name: str, path: str) -> str:
     return path
 
 
+def _check_same_classes(classes: list[str], test_classes: list[str], root: str, test_root: str) -> None:
+    if test_classes != classes:
+        raise ValueError(
+            f"test_root classes {test_classes} differ from root classes {classes} "
+            f"(test_root={test_root!r}, root={root!r}): the test tree must have the training tree's class folders"
+        )
+
+
 class _FileImageDataset(Dataset[Batch]):
     """Decodes ``samples[indices[i]]`` from disk on every access."""
 
-    def __init__(self, samples: list[tuple[str, int]], indices: Sequence[int], transform: ImageTransform) -> None:
+    def __init__(
+        self, samples: list[tuple[str, int]], indices: Sequence[int], transform: Callable[[Tensor], Tensor]
+    ) -> None:
         self.samples = samples
         self.indices = list(indices)
         self.transform = transform
@@ -78,28 +92,23 @@ class ImageFolderDataModule(SplitDataModule):
 
     Args:
         root: ImageFolder root of the training pool (train and val are split from it).
-        batch_size: Batch size of every loader.
-        val_per_class: Exact number of images per class held out; takes precedence over ``val_fraction``.
-        val_fraction: Fraction of each class held out when ``val_per_class`` is ``None``.
         image_size: Side of the square model input.
         augment: Random crop (padding 4) + horizontal flip on training images.
-        train_subset: Keep only this many training images (per-class balanced, seeded).
-        test_root: Optional separate ImageFolder tree for ``test_dataloader`` (same class folders); default:
-            test on the validation split.
+        test_root: Optional separate ImageFolder tree that ``test_dataloader`` reads (every image, un-augmented),
+            validated like ``root``; its class folders must be those of ``root``. Default: test on the validation
+            split.
         mean: Normalisation mean (default: CIFAR-10's).
         std: Normalisation std (default: CIFAR-10's).
         cache_in_memory: Decode the images once into memory.
-        num_workers: DataLoader worker processes.
-        seed: Seed of the split, the subsets and the shuffling.
-        pin_memory: DataLoader ``pin_memory``.
-        drop_last: Drop the last incomplete training batch.
+        **kwargs: The shared :class:`~lightning_dbq.data.SplitArgs` (``batch_size``, ``val_per_class``, ``seed``, ...).
 
     Raises:
         FileNotFoundError: If ``root`` (or ``test_root``) is missing or has no class folders.
-        ValueError: For an out-of-range argument (the message names it).
+        ValueError: For an out-of-range argument (the message names it), or when the class folders of
+            ``test_root`` differ from those of ``root`` (the message names both roots).
 
     Example:
-        >>> dm = ImageFolderDataModule("../shared/data/cifar10/train", val_per_class=500)  # doctest: +SKIP
+        >>> dm = ImageFolderDataModule("/path/to/cifar10/train", val_per_class=500)  # doctest: +SKIP
         >>> dm.num_classes, len(dm.split_indices().val)  # doctest: +SKIP
         (10, 5000)
     """
@@ -107,40 +116,22 @@ class ImageFolderDataModule(SplitDataModule):
     def __init__(
         self,
         root: str,
-        batch_size: int = 128,
-        val_per_class: int | None = None,
-        val_fraction: float = 0.1,
         image_size: int = 32,
         augment: bool = True,
-        train_subset: int | None = None,
         test_root: str | None = None,
         mean: Sequence[float] = CIFAR10_MEAN,
         std: Sequence[float] = CIFAR10_STD,
         cache_in_memory: bool = False,
-        num_workers: int = 0,
-        seed: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool = False,
+        **kwargs: Unpack[SplitArgs],
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            val_fraction=val_fraction,
-            val_per_class=val_per_class,
-            train_subset=train_subset,
-        )
+        super().__init__(**self.split_kwargs(**kwargs))
         check_int("image_size", image_size, 1)
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"mean and std must have 3 values (RGB), got mean={mean!r}, std={std!r}")
-        if min(std) <= 0:
-            raise ValueError(f"std must be positive, got {std!r}")
+        check_mean_std(mean, std)
         self.root = _check_dir("root", os.fspath(root))
         self.test_root = None if test_root is None else _check_dir("test_root", os.fspath(test_root))
-        self.save_hyperparameters()
         self.classes = find_classes(self.root)[0]
+        if self.test_root is not None:
+            _check_same_classes(self.classes, find_classes(self.test_root)[0], self.root, self.test_root)
         self.num_classes = len(self.classes)
         self.in_chans = 3
         self.image_size = image_size
@@ -163,10 +154,10 @@ class ImageFolderDataModule(SplitDataModule):
             self._folder = ImageFolder(self.root)
         return self._folder.targets
 
-    def _transform(self, train: bool, resize: bool) -> ImageTransform:
+    def _transform(self, train: bool, resize: bool) -> v2.Compose:
         aug = train and self.augment
-        size = self.image_size if resize else None
-        return ImageTransform(self.mean, self.std, size=size, crop_padding=4 if aug else 0, flip=aug)
+        pad = 4 if aug else 0
+        return image_transform(self.mean, self.std, size=self.image_size, resize=resize, crop_padding=pad, flip=aug)
 
     def _decode_all(self, samples: list[tuple[str, int]], indices: Sequence[int]) -> tuple[Tensor, Tensor]:
         images = torch.empty(len(indices), 3, self.image_size, self.image_size, dtype=torch.uint8)
@@ -196,11 +187,7 @@ class ImageFolderDataModule(SplitDataModule):
         if self.test_root is None:
             return None
         folder = ImageFolder(self.test_root)
-        if folder.classes != self.classes:
-            raise ValueError(
-                f"test_root classes {folder.classes} differ from root classes {self.classes} "
-                f"(test_root={self.test_root!r}, root={self.root!r})"
-            )
+        _check_same_classes(self.classes, folder.classes, self.root, self.test_root)
         indices = range(len(folder.samples))
         if not self.cache_in_memory:
             return _FileImageDataset(folder.samples, indices, self._transform(False, resize=True))

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+from typing_extensions import Unpack
 
-from lightning_dbq.data._base import Batch, SplitDataModule, TensorImageDataset, check_int
+from lightning_dbq.data._base import Batch, SplitArgs, SplitDataModule, TensorImageDataset, check_int
 
 __all__ = ["SyntheticDataModule"]
 
@@ -29,14 +31,8 @@ class SyntheticDataModule(SplitDataModule):
         image_size: Side of the square images.
         in_chans: Image channels.
         noise: Std of the per-pixel Gaussian noise added to the prototype.
-        batch_size: Batch size of every loader.
-        val_fraction: Fraction of each class held out for validation.
-        val_per_class: Exact number per class held out; takes precedence over ``val_fraction``.
-        train_subset: Keep only this many training samples (per-class balanced, seeded).
-        num_workers: DataLoader worker processes.
-        seed: Seed of the data, the split and the shuffling.
-        pin_memory: DataLoader ``pin_memory``.
-        drop_last: Drop the last incomplete training batch.
+        **kwargs: The shared :class:`~lightning_dbq.data.SplitArgs`; here ``batch_size`` defaults to 32 and
+            ``val_fraction`` to 0.25, and ``seed`` also seeds the data itself.
 
     Raises:
         ValueError: For an out-of-range argument (the message names it).
@@ -48,6 +44,8 @@ class SyntheticDataModule(SplitDataModule):
         ((8, 3, 8, 8), torch.int64)
     """
 
+    split_defaults: ClassVar[SplitArgs] = {"batch_size": 32, "val_fraction": 0.25}
+
     def __init__(
         self,
         num_samples: int = 512,
@@ -55,32 +53,15 @@ class SyntheticDataModule(SplitDataModule):
         image_size: int = 16,
         in_chans: int = 3,
         noise: float = 0.5,
-        batch_size: int = 32,
-        val_fraction: float = 0.25,
-        val_per_class: int | None = None,
-        train_subset: int | None = None,
-        num_workers: int = 0,
-        seed: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool = False,
+        **kwargs: Unpack[SplitArgs],
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            num_workers=num_workers,
-            seed=seed,
-            pin_memory=pin_memory,
-            drop_last=drop_last,
-            val_fraction=val_fraction,
-            val_per_class=val_per_class,
-            train_subset=train_subset,
-        )
+        super().__init__(**self.split_kwargs(**kwargs))
         check_int("num_classes", num_classes, 2)
         check_int("num_samples", num_samples, 2 * num_classes)
         check_int("image_size", image_size, 4)
         check_int("in_chans", in_chans, 1)
         if not noise >= 0.0:
             raise ValueError(f"noise must be >= 0, got {noise}")
-        self.save_hyperparameters()
         self.num_samples = num_samples
         self.num_classes = num_classes
         self.image_size = image_size

@@ -1,18 +1,26 @@
-"""The integer artifact: ``*.dbq.safetensors`` (DESIGN.md section 5).
+"""The integer artifact: ``*.dbq.safetensors`` (docs/design.md §5).
 
 Contents: the ``h``-bit integer codes of every quantized weight (packed into nibbles/crumbs when ``h <= 4``),
 every other tensor of the state dict as is (FP first/last layers, biases, per-bit norms, weight scales, per-bit
 activation scales), and a JSON manifest in the safetensors header: format name and version, bit list, the
-:class:`QuantSpec`, the model source (timm name + kwargs), the layer list and a SHA-256 checksum of all tensors.
-No pickle anywhere; writes are atomic (temp file + rename).
+:class:`QuantSpec`, the model source (timm name + whitelisted kwargs), the layer list, free-form ``extra`` and a
+SHA-256 checksum over every tensor *and the canonical manifest* (format 2), optionally with an HMAC-SHA256 under a
+deployment key (``key=`` or ``LIGHTNING_DBQ_ARTIFACT_KEY``).
+
+An artifact is untrusted input: :func:`load_int` checks the checksum (and the HMAC when a key is set), then the
+manifest's schema and limits, the model source (registered local models only: no network, no file the artifact
+names) and every tensor (dtypes, shapes, code ranges, finite positive scales) before building anything
+(:mod:`lightning_dbq.quant.artifact_check`); nothing is unpickled. Writes are atomic: a short temp file in the same
+folder, renamed into place; temp files left by a killed writer are swept by the next save in that folder.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,18 +30,29 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lightning_dbq.quant.artifact_check import (
+    ArtifactError,
+    check_layers,
+    check_model_source,
+    check_tensors,
+    decoded_codes,
+)
 from lightning_dbq.quant.layers import DBQLayer
-from lightning_dbq.quant.packing import pack_codes, pack_width, unpack_codes
+from lightning_dbq.quant.packing import pack_codes, pack_width
 from lightning_dbq.quant.prepare import get_spec, prepare
+from lightning_dbq.quant.quantizers import ActQuantizer
 from lightning_dbq.quant.spec import QuantSpec
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load_int", "read_manifest", "save_int"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "KEY_ENV", "ArtifactError", "load_int", "read_manifest", "save_int"]
 
 FORMAT_NAME = "lightning_dbq.int"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checksum covers the manifest; 1 (tensors only) is still read, with a warning
+KEY_ENV = "LIGHTNING_DBQ_ARTIFACT_KEY"
 _META_KEY = "lightning_dbq"
 _CODES_PREFIX = "__codes__."
+_PARTIAL = ".partial"
 SOURCE_ATTR = "_dbq_source"
+_MANIFEST_KEYS = {"format", "version", "bits", "spec", "model", "layers", "checksum", "extra"}
 
 
 def _model_source(model: nn.Module, model_name: str | None, model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -52,7 +71,7 @@ def _model_source(model: nn.Module, model_name: str | None, model_kwargs: Mappin
     return {"name": None, "kwargs": {}}
 
 
-def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+def _tensor_digest(tensors: Mapping[str, torch.Tensor]) -> hashlib._Hash:
     h = hashlib.sha256()
     for key in sorted(tensors):
         t = tensors[key].contiguous()
@@ -60,7 +79,66 @@ def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h
+
+
+def _canonical(manifest: Mapping[str, Any]) -> bytes:
+    """The manifest without its ``checksum`` / ``hmac`` fields as canonical JSON (sorted keys, no spaces)."""
+    body = {k: v for k, v in manifest.items() if k not in ("checksum", "hmac")}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def _checksum(tensors: Mapping[str, torch.Tensor], manifest: Mapping[str, Any] | None = None) -> str:
+    """SHA-256 over every tensor (name, dtype, shape, bytes) and, from format 2 on, the canonical manifest."""
+    h = _tensor_digest(tensors)
+    if manifest is not None:
+        h.update(b"\x00manifest\x00")
+        h.update(_canonical(manifest))
     return h.hexdigest()
+
+
+def _hmac(key: bytes, checksum: str) -> str:
+    return hmac.new(key, checksum.encode(), hashlib.sha256).hexdigest()
+
+
+def _resolve_key(key: str | bytes | None) -> bytes | None:
+    if key is None:
+        key = os.environ.get(KEY_ENV) or None
+    if key is None:
+        return None
+    return key.encode() if isinstance(key, str) else bytes(key)
+
+
+def _refuse_bad_state(path: Path, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """save_int refuses non-finite tensors and activation quantizers that never saw a batch."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ArtifactError(path, "model", f"{len(bad)} tensor(s) hold NaN/inf values (diverged training?), e.g. "
+                            f"{bad[:5]}; nothing was written")  # fmt: skip
+    cold = [n for n, m in model.named_modules() if isinstance(m, ActQuantizer) and not bool(m.initialized)]
+    if cold:
+        raise ArtifactError(
+            path, "model", f"activation quantizer(s) never initialised: {cold[:5]}; run a forward at every bit "
+            "first, e.g. lightning_dbq.calibrate(model, batches); nothing was written"
+        )  # fmt: skip
+
+
+def _sweep_partials(folder: Path) -> None:
+    """Remove temp files of earlier saves in ``folder`` whose writer process is gone (e.g. killed mid-write)."""
+    for f in folder.glob(f".dbq-*{_PARTIAL}"):
+        pid = f.name[len(".dbq-") :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            f.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def save_int(
@@ -70,6 +148,7 @@ def save_int(
     model_name: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    key: str | bytes | None = None,
 ) -> Path:
     """Write the integer artifact of a prepared model.
 
@@ -77,28 +156,38 @@ def save_int(
         model: a model prepared with :func:`lightning_dbq.prepare` (in any bit state; nothing is changed).
         path: output path (``.dbq.safetensors`` by convention).
         model_name: timm name to rebuild the model with; default: the name recorded by
-            :func:`lightning_dbq.create_model` / ``DBQModule``, else ``pretrained_cfg['architecture']``.
-        model_kwargs: kwargs for ``timm.create_model`` (e.g. ``num_classes``).
-        extra: any JSON-serialisable metadata to keep in the manifest (e.g. accuracies).
+            :func:`lightning_dbq.create_model` / ``DBQModule``, else ``pretrained_cfg['architecture']``. Must be a
+            registered local model (checked like :func:`load_int` will).
+        model_kwargs: kwargs for ``timm.create_model`` (e.g. ``num_classes``; see
+            :data:`~lightning_dbq.quant.artifact_check.MODEL_KWARGS` for the allowed keys).
+        extra: any JSON-serialisable metadata to keep in the manifest (e.g. accuracies); covered by the checksum.
+        key: optional HMAC key (default: the ``LIGHTNING_DBQ_ARTIFACT_KEY`` environment variable): adds an
+            HMAC-SHA256 of the checksum, for tamper-evidence rather than corruption detection.
 
     Returns:
         The written path.
+
+    Raises:
+        ArtifactError: non-finite tensors, uninitialised activation quantizers, or a model source that
+            :func:`load_int` would refuse. Nothing is written then.
     """
     spec = get_spec(model)
+    path = Path(path)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    _refuse_bad_state(path, model, state)
     tensors: dict[str, torch.Tensor] = {}
     layers = []
     coded: set[str] = set()
     for name, m in model.named_modules():
         if not isinstance(m, DBQLayer):
             continue
-        key = f"{name}.weight" if name else "weight"
+        wkey = f"{name}.weight" if name else "weight"
         if spec.weight_mode == "unshared":  # baseline "Ours*": no shared codes, FP32 weights stay in `state`
             layers.append({"name": name, "shape": list(m.weight.shape), "numel": m.weight.numel(), "storage_bits": 32})
             continue
         codes = m.weight_quant.codes(m.weight.detach()).cpu()
-        tensors[_CODES_PREFIX + key] = pack_codes(codes, spec.high_bits).contiguous()
-        coded.add(key)
+        tensors[_CODES_PREFIX + wkey] = pack_codes(codes, spec.high_bits).contiguous()
+        coded.add(wkey)
         layers.append(
             {
                 "name": name,
@@ -110,27 +199,36 @@ def save_int(
     for k, v in state.items():
         if k not in coded:
             tensors[k] = v.contiguous().clone()
-    manifest = {
+    source = _model_source(model, model_name, model_kwargs)
+    if source["name"] is not None:
+        check_model_source(path, source)
+    manifest: dict[str, Any] = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "bits": list(spec.bits),
         "spec": spec.to_dict(),
-        "model": _model_source(model, model_name, model_kwargs),
+        "model": source,
         "layers": layers,
-        "checksum": _checksum(tensors),
         "extra": dict(extra or {}),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(manifest)})
-        os.chmod(tmp, _file_mode())  # mkstemp makes 0600: a server running as another user could not read it
+        manifest["checksum"] = _checksum(tensors, manifest)
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(path, "extra", f"must be JSON-serialisable without NaN/inf: {e}") from e
+    secret = _resolve_key(key)
+    if secret is not None:
+        manifest["hmac"] = _hmac(secret, manifest["checksum"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_partials(path.parent)
+    # short temp name in the same folder (same file system for the atomic rename); the pid lets a later save
+    # sweep it if this process dies mid-write
+    tmp = path.parent / f".dbq-{os.getpid()}-{secrets.token_hex(4)}{_PARTIAL}"
+    try:
+        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(manifest)})
+        os.chmod(tmp, _file_mode())  # a server running as another user must be able to read it
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -142,12 +240,12 @@ def _file_mode() -> int:
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and validate the manifest of an artifact (no tensors are loaded).
+    """Read the manifest of an artifact and check its shape (no tensors are loaded, nothing is verified yet).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a readable safetensors file (truncated/corrupt), or not a lightning_dbq artifact, or an
-            unsupported format version.
+        ArtifactError: not a readable safetensors file (truncated/corrupt), not a lightning_dbq artifact, an
+            unsupported format version, or a manifest that is not a JSON object with the expected fields.
     """
     path = Path(path)
     if not path.is_file():
@@ -156,18 +254,26 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for bad headers
-        raise ValueError(f"load_int: {path} is not a readable safetensors file (truncated or corrupt): {e}") from e
+        raise ArtifactError(path, "file", f"not a readable safetensors file (truncated or corrupt): {e}") from e
     if _META_KEY not in meta:
-        raise ValueError(
-            f"load_int: {path} is a safetensors file but not a lightning_dbq artifact "
-            f"(no '{_META_KEY}' manifest in its header)"
+        raise ArtifactError(
+            path, "header", f"a safetensors file but not a lightning_dbq artifact (no '{_META_KEY}' manifest)"
         )
-    manifest: dict[str, Any] = json.loads(meta[_META_KEY])
-    if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(
-            f"load_int: {path} has format {manifest.get('format')!r} version {manifest.get('version')!r};"
-            f" this lightning_dbq reads {FORMAT_NAME!r} version {FORMAT_VERSION}"
-        )
+    try:
+        manifest = json.loads(meta[_META_KEY])
+    except json.JSONDecodeError as e:
+        raise ArtifactError(path, "manifest", f"not valid JSON ({e})") from e
+    if not isinstance(manifest, dict):
+        raise ArtifactError(path, "manifest", f"must be a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT_NAME or manifest.get("version") not in (1, FORMAT_VERSION):
+        raise ArtifactError(
+            path, "manifest.format", f"format {manifest.get('format')!r} version {manifest.get('version')!r}; this "
+            f"lightning_dbq reads {FORMAT_NAME!r} versions 1 and {FORMAT_VERSION}"
+        )  # fmt: skip
+    missing = sorted(_MANIFEST_KEYS - set(manifest))
+    unknown = sorted(set(manifest) - _MANIFEST_KEYS - {"hmac"})
+    if missing or unknown:
+        raise ArtifactError(path, "manifest", f"missing field(s) {missing}, unknown field(s) {unknown}")
     return manifest
 
 
@@ -179,53 +285,97 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
                 out[k] = f.get_tensor(k)
         return out
     except Exception as e:
-        raise ValueError(f"load_int: {path} could not be read (truncated or corrupt): {e}") from e
+        raise ArtifactError(path, "tensors", f"could not be read (truncated or corrupt): {e}") from e
 
 
-def load_int(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
+def _verify(path: Path, manifest: dict[str, Any], tensors: Mapping[str, torch.Tensor], key: bytes | None) -> None:
+    recorded = manifest["checksum"]
+    if not isinstance(recorded, str) or len(recorded) != 64:
+        raise ArtifactError(path, "manifest.checksum", "must be a 64-character SHA-256 hex digest")
+    if manifest["version"] == 1:
+        import warnings
+
+        warnings.warn(f"{path}: format 1 artifact: its manifest is not covered by the checksum; re-save it with "
+                      "save_int to get format 2", stacklevel=3)  # fmt: skip
+        actual = _checksum(tensors)
+    else:
+        actual = _checksum(tensors, manifest)
+    if not hmac.compare_digest(actual, recorded):
+        raise ArtifactError(path, "checksum", "mismatch: tensors or manifest were altered after saving")
+    if key is not None:
+        tag = manifest.get("hmac")
+        if not isinstance(tag, str) or not hmac.compare_digest(tag, _hmac(key, recorded)):
+            raise ArtifactError(path, "hmac", "missing or wrong for the configured key (not written by its holder)")
+
+
+def load_int(
+    path: str | os.PathLike[str], model: nn.Module | None = None, *, key: str | bytes | None = None
+) -> nn.Module:
     """Rebuild a bit-switchable model from an integer artifact, ready for :func:`lightning_dbq.set_bits`.
 
     Args:
         path: a ``*.dbq.safetensors`` file written by :func:`save_int`.
         model: an *unprepared* model of the right architecture, for models that timm cannot build by name;
-            by default the model is built with ``timm.create_model(name, pretrained=False, **kwargs)``.
+            by default the model is built with ``timm.create_model(name, pretrained=False, **kwargs)`` from the
+            manifest, after checking that ``name`` is a registered local model and every kwarg is whitelisted.
+        key: HMAC key (default: ``LIGHTNING_DBQ_ARTIFACT_KEY``); when set, the artifact must carry a matching HMAC.
 
     Returns:
         The model in eval mode at the highest bit; its float weights equal ``q_h · s_h`` so every bit reproduces
         the saved model exactly.
 
     Raises:
-        ValueError: corrupt/truncated/altered file, not an artifact, or no way to build the model.
+        FileNotFoundError: no such file.
+        ArtifactError: (a ``ValueError``) corrupt/truncated/altered file, not an artifact, a model source that is not
+            a registered local model, invalid tensors, or tensors that do not fit the model.
     """
     path = Path(path)
     manifest = read_manifest(path)
     tensors = _load_tensors(path)
-    if _checksum(tensors) != manifest["checksum"]:
-        raise ValueError(f"load_int: checksum mismatch in {path}: tensors were altered after saving")
-    spec = QuantSpec.from_dict(manifest["spec"])
+    _verify(path, manifest, tensors, _resolve_key(key))
+    try:
+        spec = QuantSpec.from_dict(manifest["spec"]) if isinstance(manifest["spec"], dict) else None
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(path, "manifest.spec", str(e)) from e
+    if spec is None:
+        raise ArtifactError(path, "manifest.spec", "must be an object")
+    if manifest["bits"] != list(spec.bits):
+        raise ArtifactError(path, "manifest.bits", f"{manifest['bits']!r} disagrees with spec.bits {list(spec.bits)}")
+    layers = check_layers(path, manifest["layers"], spec)
+    check_tensors(path, tensors, spec)
+    coded = [layer for layer in layers if layer["storage_bits"] != 32]
+    codes = {}
+    for layer in coded:
+        wkey = f"{layer['name']}.weight" if layer["name"] else "weight"
+        if _CODES_PREFIX + wkey not in tensors:
+            raise ArtifactError(path, _CODES_PREFIX + wkey, "missing: the manifest lists this layer")
+        codes[wkey] = decoded_codes(path, tensors[_CODES_PREFIX + wkey], _CODES_PREFIX + wkey, layer, spec.high_bits)
+    orphans = sorted(k for k in tensors if k.startswith(_CODES_PREFIX) and k[len(_CODES_PREFIX) :] not in codes)
+    if orphans:
+        raise ArtifactError(path, orphans[0], "codes for a layer the manifest does not list")
     if model is None:
-        name = manifest["model"]["name"]
-        if not name:
-            raise ValueError(f"load_int: {path} records no model name; pass `model=` (an unprepared instance)")
+        name, kwargs = check_model_source(path, manifest["model"])
         import timm
 
-        import lightning_dbq.models  # noqa: F401  (registers cifar_resnet*)
-
-        model = timm.create_model(name, pretrained=False, **manifest["model"]["kwargs"])
-        setattr(model, SOURCE_ATTR, {"name": name, "kwargs": dict(manifest["model"]["kwargs"])})
-    prepare(model, **spec.to_dict())
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        setattr(model, SOURCE_ATTR, {"name": name, "kwargs": kwargs})
+    try:
+        prepare(model, **spec.to_dict())
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(path, "model", f"cannot be prepared with the artifact's spec: {e}") from e
     state: dict[str, torch.Tensor] = {k: v for k, v in tensors.items() if not k.startswith(_CODES_PREFIX)}
-    coded = [layer for layer in manifest["layers"] if layer["storage_bits"] != 32]
-    for layer in coded:  # placeholders: the weights are decoded below, once the scales are loaded
-        name = layer["name"]
-        key = f"{name}.weight" if name else "weight"
-        state[key] = torch.zeros_like(model.get_submodule(name).weight)  # type: ignore[arg-type]
-    model.load_state_dict(state, strict=True)
+    for wkey, c in codes.items():  # placeholders: the weights are decoded once the scales are loaded
+        target = model.state_dict().get(wkey)
+        if target is None or tuple(target.shape) != tuple(c.shape):
+            raise ArtifactError(path, wkey, f"codes of shape {tuple(c.shape)} do not fit the model's "
+                                f"{None if target is None else tuple(target.shape)}")  # fmt: skip
+        state[wkey] = torch.zeros_like(target)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(path, "tensors", f"do not match the model ({type(model).__name__}): {e}") from e
     with torch.no_grad():
-        for layer in coded:
-            name = layer["name"]
-            key = f"{name}.weight" if name else "weight"
-            codes = unpack_codes(tensors[_CODES_PREFIX + key], spec.high_bits, layer["numel"]).reshape(layer["shape"])
-            m: Any = model.get_submodule(name)
-            m.weight.copy_(codes.float() * m.weight_quant.effective_scale().float())
+        for wkey, c in codes.items():
+            m: Any = model.get_submodule(wkey.rsplit(".", 1)[0] if "." in wkey else "")
+            m.weight.copy_(c.float() * m.weight_quant.effective_scale().float())
     return model.eval()

@@ -4,7 +4,7 @@ Every function here is a pure function of its tensor arguments (no module state)
 float32, also under ``torch.autocast`` (element-wise ops are not down-cast by autocast, and inputs are cast up
 explicitly), and the result is returned in the input's dtype.
 
-Conventions (see DESIGN.md section 2):
+Conventions (see docs/math.md §1 and §2):
 
 * rounding is round-half-up, ``floor(x + 0.5)``, never ``torch.round`` (half-to-even), so that the float path is
   bit-identical to the deployed integer shift ``(q_h + 2^(k-1)) >> k``;

@@ -145,6 +145,9 @@ def prepare(
         ValueError: invalid bits, or the model was already prepared with a different spec, or nothing is left
             to quantize.
     """
+    if isinstance(skip, (str, bytes)):
+        raise TypeError(f"prepare(skip=...) must be a list of layer-name patterns, got the string {skip!r}; "
+                        f"use skip=[{skip!r}]")  # fmt: skip
     spec = QuantSpec(
         bits=validate_bits(bits),
         per_channel=per_channel,

@@ -3,7 +3,7 @@
 Everything here returns plain NumPy arrays shaped ``(L, K)`` (one row per layer, one column per candidate bit,
 in the order the candidate bits are given) that :class:`lightning_dbq.search.ilp.BitAllocationProblem` consumes.
 
-Cost choices (see ``reference/algos.md`` B.3):
+Cost choices (see ``docs/math.md`` §8.1):
 
 * :func:`hawq_cost` (recommended): ``c[l, j] = t̄_l · ‖Q_{b_j}(W_l) − W_l‖²`` with the *real* Double Rounding
   quantizer from the shared ``h``-bit scale (:func:`quantization_error_matrix`), i.e. ``½ ΔWᵀ H ΔW`` under an

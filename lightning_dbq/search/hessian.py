@@ -11,7 +11,7 @@ Two estimators share one driver and one output type:
 * :func:`hutchinson_traces_whole_model` (reference / benchmark baseline, PyHessian style): one probe over all
   blocks at once, one full HVP ``H v``, per-block dot products ``v_l^T (H v)_l``. Unbiased as well, but each
   estimate also carries the cross-block terms ``v_l^T H_lm v_m``, which add ``sum_{m != l} ||H_lm||_F^2`` to the
-  variance (about 70x more samples for the last layer of a resnet18, see ``reference/algos.md`` A.3).
+  variance (about 70x more samples for the last layer of a resnet18, see ``docs/math.md`` §6).
 
 How the work is organised (time/memory trade-off):
 
@@ -41,8 +41,8 @@ The model is put in ``eval()`` during the computation (BatchNorm uses, and never
 and every submodule's train/eval flag is restored afterwards. Compute the traces on the FP32 model, not on the
 fake-quantized one (rounding has zero curvature).
 
-CPU: with more intra-op threads than free cores HVPs slow down by an order of magnitude (``reference/algos.md``
-A.6); set ``torch.set_num_threads`` to the free cores.
+CPU: with more intra-op threads than free cores HVPs slow down by an order of magnitude (``docs/math.md`` §6);
+set ``torch.set_num_threads`` to the free cores.
 
 DDP: pass the *unwrapped* module (``ddp_model.module``), each rank its own equal-size shard of batches (ranks are
 averaged with equal weights), ``progress=(rank == 0)``, and a ``reduce_fn``

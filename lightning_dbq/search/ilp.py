@@ -1,13 +1,14 @@
 """Mixed-precision bit allocation: the one-hot ILP (PuLP + bundled CBC) and the exact DP Pareto front.
 
-Formulation (``reference/algos.md`` B.3), binaries ``x[l, j]`` for layer ``l`` and candidate bit ``b_j``:
+Formulation (``docs/math.md`` §8.2), binaries ``x[l, j]`` for layer ``l`` and candidate bit ``b_j``:
 ``min Σ c[l,j]·x[l,j]`` s.t. ``Σ_j x[l,j] = 1``, ``Σ n_l·b_j·x[l,j] / Σ n_l <= ω`` (parameter-weighted average
 bits), optionally ``Σ BOPs[l,j]·x[l,j] <= max_bops``, and ``x[l,·] = x[m,·]`` for tied layers.
 
-Numerics (measured pitfall, B.4): raw costs (1e-6..1e-2) with raw sizes (~1e7) make CBC return *sub-optimal*
-answers even with ``gapRel=0``. So (i) the size row is divided by ``Σ n_l`` (right-hand side ``ω``); (ii) each
-cost row is shifted by its minimum (a constant, it does not change the argmin) and scaled so that the sum over
-layers of each row's smallest positive entry is ``100``, and CBC's cutoff ``increment`` is made negligible;
+Numerics (a measured pitfall, ``docs/math.md`` §8.2): raw costs (1e-6..1e-2) with raw sizes (~1e7) make CBC
+return *sub-optimal* answers even with ``gapRel=0``. So (i) the size row is divided by ``Σ n_l`` (right-hand side
+``ω``); (ii) each cost row is shifted by its minimum (a constant, it does not change the argmin) and scaled so that
+the sum over layers of each row's smallest positive entry is ``100``, and CBC's cutoff ``increment`` is made
+negligible;
 (iii) tied layers share one set of binaries; (iv) the returned configuration is re-checked in exact integer
 arithmetic and excluded by a no-good cut if CBC's feasibility tolerance let it exceed the budget. Reported costs
 are always the raw, unscaled ones. :func:`pareto_front_dp` is the exact, much faster alternative to sweeping the

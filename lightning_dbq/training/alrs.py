@@ -1,11 +1,11 @@
 """ALRS: per-bit learning rates for the quantization scales, and the optimizer param-group helper.
 
-η_b (DESIGN.md section 2), relative to the highest bit h, Δ = h − b:
+η_b (docs/math.md §5.2), relative to the highest bit h, Δ = h − b:
 
 * Δ even: ``η_b = 10^(−Δ/2)``        (8→1, 6→0.1, 4→0.01, 2→0.001 for {8,6,4,2})
 * Δ odd:  ``η_b = 5·10^(−(Δ+1)/2)``  ({4,3,2}: 4→1, 3→0.5, 2→0.1)
 
-The shared Double Rounding weight scale receives gradients ~2^k larger at low bits (algos.md E.2); in Algorithm
+The shared Double Rounding weight scale receives gradients ~2^k larger at low bits (docs/math.md §2.2); in Algorithm
 A.2 each bit's optimizer step uses ``lr·η_b`` for the weight-scale group. Mode ``"eq6"`` adds the paper's
 gradient-dependent term ``λ_b = η_b·(λ − (1/L)·Σ_i min(max|clip(∇s_b^i, 1)|, 1))``, floored at 0 because, taken
 literally, it goes negative when λ < 1 (it is measured against plain η_b in the CIFAR-10 ablation).

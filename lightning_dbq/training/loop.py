@@ -17,7 +17,12 @@ import torch
 from lightning_dbq.training.alrs import GROUP_KEY, alrs_factor, eq6_factor, scaled_scale_lr
 from lightning_dbq.training.state import BitConfig, BitLoopState, get_state
 
-__all__ = ["UNSUPPORTED_STRATEGIES", "check_strategy", "check_training_setup", "run_bit_loop"]
+__all__ = ["UNSUPPORTED_STRATEGIES", "DivergenceError", "check_strategy", "check_training_setup", "run_bit_loop"]
+
+
+class DivergenceError(FloatingPointError):
+    """The training loss became NaN or infinite (``nonfinite="stop"``, the default)."""
+
 
 # sharded strategies: parameters are flattened/sharded, so per-layer scales, per-bit norms and the per-bit steps
 # on unused parameters do not map onto them (checked by class name: these classes import optional packages)
@@ -114,7 +119,7 @@ def run_bit_loop(
         state.checked = True
     configs = state.configs(int(module.trainer.global_step))
     high = state.bits[0]
-    closure = _recording(closure, state)
+    closure = _recording(closure, state, optimizer, int(module.trainer.global_step))
     groups = ("weight_scales", "act_scales") if state.alrs_act_scales else ("weight_scales",)
     try:
         if state.algorithm == "A1":
@@ -135,13 +140,27 @@ def run_bit_loop(
         state.reset()
 
 
-def _recording(closure: Callable[[], Any], state: BitLoopState) -> Callable[[], Any]:
-    """The closure, recording each configuration's loss in ``state.losses`` (logged per bit by the callback)."""
+def _recording(closure: Callable[[], Any], state: BitLoopState, optimizer: Any, step: int) -> Callable[[], Any]:
+    """The closure, recording each configuration's loss in ``state.losses`` (logged per bit by the callback) and
+    applying the non-finite-loss policy: ``"stop"`` raises :class:`DivergenceError` naming the bit, ``"skip"``
+    drops that bit's gradients so its optimizer step changes nothing."""
 
     def run() -> Any:
         out = closure()
         if isinstance(out, torch.Tensor):
-            state.losses[state.active_label] = out.detach()
+            loss = out.detach()
+            if not bool(torch.isfinite(loss).all()):
+                if state.nonfinite == "stop":
+                    raise DivergenceError(
+                        f"training diverged: the loss is {float(loss.float().mean())} at {state.active_label} "
+                        f"(global step {step}). Lower the learning rate (or the scale learning rate), or set "
+                        "nonfinite='skip' to drop such steps."
+                    )
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        p.grad = None
+                state.skipped_steps += 1
+            state.losses[state.active_label] = loss
         return out
 
     return run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -52,6 +53,8 @@ class DBQModule(pl.LightningModule):
         label_smoothing: cross-entropy label smoothing.
         init_checkpoint: optional path of a Lightning checkpoint or FP32 state dict to initialise weights from
             (e.g. an FP32 model, as the paper initialises every quantized arm).
+        nonfinite: a NaN/inf training loss ``"stop"``s the run with an error naming the bit (default) or
+            ``"skip"``s that bit's step.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class DBQModule(pl.LightningModule):
         scheduler: str = "cosine",
         label_smoothing: float = 0.0,
         init_checkpoint: str | None = None,
+        nonfinite: str = "stop",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
@@ -98,7 +102,7 @@ class DBQModule(pl.LightningModule):
         if init_state is not None and quantized_init:  # a multi-precision checkpoint (e.g. before HASB)
             _load_into(self.model, _per_bit_to_transitional(init_state, self.model.state_dict()), str(init_checkpoint))
         self.dbq_state = BitLoopState(model=self.model, bits=bits, algorithm=algorithm, alrs=alrs,
-                                      alrs_act_scales=alrs_act_scales, kd=kd)  # fmt: skip
+                                      alrs_act_scales=alrs_act_scales, kd=kd, nonfinite=nonfinite)  # fmt: skip
         self.val_metrics = PerBitMetrics(bits, num_classes)
         self.test_metrics = PerBitMetrics(bits, num_classes)
 
@@ -204,9 +208,31 @@ class DBQModule(pl.LightningModule):
 
 
 def _read_state(path: str) -> dict[str, torch.Tensor]:
-    """A state dict from a Lightning checkpoint of a module holding ``model`` (prefix stripped) or a raw one."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    """A state dict from a Lightning checkpoint of a module holding ``model`` (prefix stripped) or a raw one.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: an empty, truncated or non-checkpoint file (e.g. an int artifact), named in the message.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"init_checkpoint: no such file: {path}")
+    if p.stat().st_size == 0:
+        raise ValueError(f"init_checkpoint={path!r} is an empty file")
+    if p.name.endswith(".safetensors"):
+        raise ValueError(f"init_checkpoint={path!r} is a safetensors file; use lightning_dbq.load_int for int "
+                         "artifacts, init_checkpoint takes a Lightning .ckpt or a torch state dict")  # fmt: skip
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # EOFError, UnpicklingError, zipfile errors, KeyError: all mean "not a checkpoint"
+        raise ValueError(
+            f"init_checkpoint={path!r} is not a readable torch checkpoint ({type(e).__name__}: {str(e)[:200]})"
+        ) from e
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"init_checkpoint={path!r} holds a {type(ckpt).__name__}, not a checkpoint/state dict")
     state = ckpt.get("state_dict", ckpt)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"init_checkpoint={path!r} has no tensor state dict")
     if any(k.startswith("model.") for k in state):
         state = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
     return dict(state)

@@ -1,7 +1,7 @@
 """BitLoopState: what the per-bit loop needs, attached to the LightningModule as ``dbq_state``.
 
 Kept as plain Python (no tensors that need syncing); mutable schedule state that must survive a resume lives in
-callbacks' ``state_dict`` (DESIGN.md section 3).
+callbacks' ``state_dict`` (docs/design.md §2.6).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from torch import Tensor, nn
 
 from lightning_dbq.quant.prepare import set_bits
 
-__all__ = ["ALGORITHMS", "BitConfig", "BitLoopState", "bit_label", "get_state"]
+__all__ = ["ALGORITHMS", "NONFINITE", "BitConfig", "BitLoopState", "bit_label", "get_state"]
 
 ALGORITHMS = ("A2", "A1")
+NONFINITE = ("stop", "skip")
 BitConfig = int | Mapping[str, int]
 # (global_step, bit_index, bits) -> per-layer config (HASB) or the uniform int
 ConfigSampler = Callable[[int, int, int], BitConfig]
@@ -42,6 +43,8 @@ class BitLoopState:
         active_label: label of the configuration being trained (for logging), set by the loop.
         teacher_logits: detached logits of the previous bit in this batch (KD), set by the training step.
         losses: the detached loss of each configuration label in the current batch, set by the loop.
+        nonfinite: a NaN/inf loss ``"stop"``s training with an error naming the bit, or ``"skip"``s that bit's
+            step (counted in ``skipped_steps``).
     """
 
     model: nn.Module
@@ -57,6 +60,8 @@ class BitLoopState:
     backward_calls: int = 0
     checked: bool = False
     losses: dict[str, Tensor] = field(default_factory=dict)
+    nonfinite: str = "stop"
+    skipped_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -65,6 +70,8 @@ class BitLoopState:
 
         if self.alrs not in ALRS_MODES:
             raise ValueError(f"alrs must be one of {ALRS_MODES}, got {self.alrs!r}")
+        if self.nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
         self.bits = tuple(sorted(self.bits, reverse=True))
         self.active_bits = self.bits[0]
 

@@ -1,7 +1,7 @@
 """TimmSyncBatchNorm: a LayerSync plugin that keeps timm's BatchNormAct2d activation under SyncBatchNorm.
 
 Lightning's ``sync_batchnorm=True`` uses ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, which silently drops
-the activation of timm's ``BatchNormAct2d`` (reference/lightning.md 1.6.3). Use
+the activation of timm's ``BatchNormAct2d`` (docs/design.md §2.8). Use
 ``Trainer(strategy="dbq_ddp", plugins=[TimmSyncBatchNorm()])`` instead: timm's converter gives ``SyncBatchNormAct``
 with ``act``/``drop`` kept, and it reaches the per-bit norm copies inside ``PerBitNorm`` / ``TransitionalNorm``.
 """

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import pickle
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -17,10 +19,13 @@ from lightning_dbq.data import (
     CIFAR10DataModule,
     DigitsDataModule,
     ImageFolderDataModule,
+    SplitArgs,
+    SplitDataModule,
     SyntheticDataModule,
     balanced_subset,
     stratified_split,
 )
+from lightning_dbq.data._base import image_transform, resize_center_crop
 
 CLASSES = ["ant", "bee", "cat"]
 PER_CLASS = 12
@@ -82,6 +87,86 @@ def test_balanced_subset() -> None:
     assert Counter(targets[i] for i in chosen) == {0: 13, 1: 13, 2: 4}  # class 2 runs out
     assert Counter(targets[i] for i in chosen[:9]) == {0: 3, 1: 3, 2: 3}  # every prefix balanced
     assert len(balanced_subset(indices, targets, 1000, seed=0)) == len(indices)
+
+
+# ---------------------------------------------------------------- shared arguments, constants, transforms
+
+
+MODULES = [CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule, SyntheticDataModule]
+
+
+def test_shared_args_are_declared_once_and_recorded() -> None:
+    shared = set(SplitArgs.__annotations__)
+    base = inspect.signature(SplitDataModule.__init__).parameters
+    assert shared == {n for n, p in base.items() if p.kind is p.KEYWORD_ONLY}
+    for cls in MODULES:  # subclasses add only their own arguments, the shared ones arrive as **kwargs
+        params = inspect.signature(cls.__init__).parameters
+        assert not shared & set(params), cls.__name__
+        assert list(params.values())[-1].kind is inspect.Parameter.VAR_KEYWORD
+    dm = SyntheticDataModule(num_samples=64, seed=3)
+    assert (dm.batch_size, dm.val_fraction, dm.seed, dm.drop_last) == (32, 0.25, 3, False)  # subclass defaults
+    assert dict(dm.hparams) == {"num_samples": 64, "num_classes": 4, "image_size": 16, "in_chans": 3, "noise": 0.5,
+                                "batch_size": 32, "num_workers": 0, "seed": 3, "pin_memory": False,
+                                "drop_last": False, "val_fraction": 0.25, "val_per_class": None,
+                                "train_subset": None}  # fmt: skip
+    digits = DigitsDataModule(batch_size=8)
+    assert (digits.batch_size, digits.val_fraction) == (8, 0.2)
+    assert digits.hparams["val_fraction"] == 0.2
+    with pytest.raises(TypeError, match="batch_sise"):
+        DigitsDataModule(batch_sise=8)  # type: ignore[call-arg]
+
+
+def test_cifar10_statistics_are_defined_once() -> None:
+    import lightning_dbq
+    from lightning_dbq.data import _base
+    from lightning_dbq.models import cifar_resnet
+
+    assert _base.CIFAR10_MEAN is cifar_resnet.CIFAR10_MEAN
+    assert _base.CIFAR10_STD is cifar_resnet.CIFAR10_STD
+    package = Path(lightning_dbq.__file__).parent
+    defining = [p.name for p in package.rglob("*.py") if re.search(r"^CIFAR10_(MEAN|STD)\b.*=", p.read_text(), re.M)]
+    assert defining == ["cifar_resnet.py"]
+    assert inspect.signature(ImageFolderDataModule).parameters["mean"].default == (0.4914, 0.4822, 0.4465)
+
+
+def test_image_transform_numerics() -> None:
+    image = torch.randint(0, 256, (3, 36, 40), dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    plain = image_transform(mean, std, size=40)(image)  # no resize, no augmentation
+    reference = (image.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    assert torch.allclose(plain, reference, atol=1e-6)
+    resized = image_transform(mean, std, size=32, resize=True)(image)
+    assert resized.shape == (3, 32, 32)
+    assert torch.equal(resized, image_transform(mean, std, size=32)(resize_center_crop(image, 32)))  # cache path
+    assert torch.equal(resize_center_crop(image[None], 32)[0], resize_center_crop(image, 32))  # batched == single
+    square = torch.rand(1, 8, 8)
+    torch.manual_seed(0)
+    shifted = [image_transform([0.0], [1.0], size=8, crop_padding=2)(square) for _ in range(30)]
+    padded = torch.nn.functional.pad(square, (2, 2, 2, 2))
+    windows = {(t, left) for t in range(5) for left in range(5)}
+    for out in shifted:  # every output is an 8x8 window of the zero-padded image
+        assert any(torch.equal(out, padded[:, t : t + 8, left : left + 8]) for t, left in windows)
+    assert len({tuple(o.flatten().tolist()) for o in shifted}) > 5
+    torch.manual_seed(0)
+    flips = [image_transform([0.0], [1.0], size=8, flip=True)(square) for _ in range(30)]
+    assert {torch.equal(f, square) for f in flips} == {True, False}
+    assert all(torch.equal(f, square) or torch.equal(f, square.flip(-1)) for f in flips)
+
+
+def test_train_order_is_seeded_per_epoch_and_resumable() -> None:
+    dm = SyntheticDataModule(num_samples=64, num_classes=4, image_size=8, batch_size=8, seed=2)
+    loader = dm.train_dataloader()
+    sampler = loader.sampler
+    orders = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        orders.append(list(sampler))
+    assert orders[0] != orders[1]
+    fresh = SyntheticDataModule(num_samples=64, num_classes=4, image_size=8, batch_size=8, seed=2)
+    resumed = fresh.train_dataloader().sampler
+    resumed.set_epoch(1)  # type: ignore[attr-defined]  # a resumed run starts at epoch 1 with a fresh loader
+    torch.manual_seed(123)  # the global RNG does not matter
+    assert list(resumed) == orders[1]
 
 
 # ---------------------------------------------------------------- digits
@@ -300,9 +385,24 @@ def test_imagefolder_bad_args(folder: Path, kwargs: dict[str, object], match: st
 def test_imagefolder_test_root_class_mismatch(folder: Path, tmp_path: Path) -> None:
     (tmp_path / "zebra").mkdir()
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "zebra" / "0.png")
-    dm = ImageFolderDataModule(str(folder), val_per_class=2, test_root=str(tmp_path))
-    with pytest.raises(ValueError, match="test_root classes"):
-        dm.setup()
+    match = rf"test_root classes \['zebra'\] differ from root classes .*test_root='{tmp_path}', root='{folder}'"
+    with pytest.raises(ValueError, match=match):  # fails at construction, before any training
+        ImageFolderDataModule(str(folder), val_per_class=2, test_root=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="test_root: no such directory"):
+        ImageFolderDataModule(str(folder), test_root=str(tmp_path / "nope"))
+
+
+def test_imagefolder_test_root_is_read_by_test_dataloader(folder: Path, tmp_path: Path) -> None:
+    for label, name in enumerate(CLASSES):  # a different, smaller tree with the same class folders
+        (tmp_path / name).mkdir()
+        Image.fromarray(np.full((32, 32, 3), 40 * label, dtype=np.uint8)).save(tmp_path / name / "0.png")
+    dm = ImageFolderDataModule(str(folder), val_per_class=2, test_root=str(tmp_path), batch_size=8)
+    x, y = next(iter(dm.test_dataloader()))
+    assert y.tolist() == [0, 1, 2]
+    mean, std = torch.tensor(dm.mean).view(3, 1, 1), torch.tensor(dm.std).view(3, 1, 1)
+    expected = (torch.arange(3).view(3, 1, 1, 1) * 40 / 255 - mean) / std
+    assert torch.allclose(x, expected.expand(3, 3, 32, 32), atol=1e-6)  # un-augmented test images
+    assert sum(len(y) for _, y in dm.val_dataloader()) == 6  # validation still comes from root
 
 
 # ---------------------------------------------------------------- cifar10 (no network, no real data)

@@ -62,6 +62,7 @@ class DoubleRoundingQAT(Callback):
             groups they are in, and a warning says so once when ALRS is on.
         scale_lr_factor: learning rate of the scale groups relative to the group each scale came from.
         scale_weight_decay: weight decay of the scale groups (the method uses 0).
+        nonfinite: a NaN/inf loss ``"stop"``s training with an error naming the bit, or ``"skip"``s that step.
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class DoubleRoundingQAT(Callback):
         regroup: bool = True,
         scale_lr_factor: float = 1.0,
         scale_weight_decay: float = 0.0,
+        nonfinite: str = "stop",
     ) -> None:
         self.bits = validate_bits(bits)
         self.attr = attr
@@ -93,7 +95,8 @@ class DoubleRoundingQAT(Callback):
         self.scale_weight_decay = float(scale_weight_decay)
         self.metrics: PerBitMetrics | None = None
         self.test_metrics: PerBitMetrics | None = None
-        BitLoopState(model=nn.Identity(), bits=self.bits, algorithm=algorithm, alrs=alrs)  # validate early
+        self.nonfinite = nonfinite
+        BitLoopState(model=nn.Identity(), bits=self.bits, algorithm=algorithm, alrs=alrs, nonfinite=nonfinite)
 
     @property
     @override
@@ -127,7 +130,9 @@ class DoubleRoundingQAT(Callback):
             object.__setattr__(
                 pl_module,
                 "dbq_state",
-                BitLoopState(model=target, bits=self.bits, algorithm=self.algorithm, alrs=self.alrs),
+                BitLoopState(
+                    model=target, bits=self.bits, algorithm=self.algorithm, alrs=self.alrs, nonfinite=self.nonfinite
+                ),  # fmt: skip
             )
         if not is_bit_switch_strategy(trainer.strategy) and not getattr(pl_module, _INSTALLED, False):
             original = pl_module.optimizer_step
