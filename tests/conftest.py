@@ -48,3 +48,52 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG0
             for line in sorted(lines):
                 terminalreporter.write_line(line)
         Path(path).unlink()
+
+
+class GuardTrippedError(AssertionError):
+    """An artifact load tried to reach the network or to unpickle something."""
+
+
+def _tripwire(what: str):
+    def trip(*args, **kwargs):
+        raise GuardTrippedError(f"load_int tried to {what}")
+
+    return trip
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _artifact_loads_never_touch_network_or_pickle():
+    """Every ``load_int`` in the suite runs with socket connects, pickle and ``torch.load`` made to raise."""
+    import pickle
+    import socket
+
+    import lightning_dbq
+    import lightning_dbq.quant
+    import lightning_dbq.quant.artifact as artifact
+
+    original = artifact.load_int
+    guards = [
+        (socket.socket, "connect", "open a network connection"),
+        (socket.socket, "connect_ex", "open a network connection"),
+        (socket, "create_connection", "open a network connection"),
+        (pickle, "load", "unpickle"),
+        (pickle, "loads", "unpickle"),
+        (pickle, "Unpickler", "unpickle"),
+        (torch, "load", "torch.load a file"),
+    ]
+
+    def guarded(*args, **kwargs):
+        saved = [(obj, name, getattr(obj, name)) for obj, name, _ in guards]
+        try:
+            for obj, name, what in guards:
+                setattr(obj, name, _tripwire(what))
+            return original(*args, **kwargs)
+        finally:
+            for obj, name, value in saved:
+                setattr(obj, name, value)
+
+    for module in (artifact, lightning_dbq, lightning_dbq.quant):
+        module.load_int = guarded
+    yield
+    for module in (artifact, lightning_dbq, lightning_dbq.quant):
+        module.load_int = original

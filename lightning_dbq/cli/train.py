@@ -14,11 +14,11 @@ import logging
 from typing import Any
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lightning_dbq.cli._conf import config_dir
+from lightning_dbq.cli.schema import check_config_types
 from lightning_dbq.cli.validate import check_num_classes, validate_train_config
 
 __all__ = ["main", "train", "wandb_run_names"]
@@ -106,13 +106,16 @@ def build_module(cfg: DictConfig, num_classes: int, in_chans: int) -> Any:
         alrs_act_scales=quant.get("alrs_act_scales", False),
         kd=quant.get("kd", False),
         kd_weight=quant.get("kd_weight", 1.0),
+        nonfinite=quant.get("nonfinite", "stop"),
         **optim,
     )
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Validate, build and fit; returns the final metrics (plain floats)."""
+    check_config_types(cfg)  # types and ranges first: seconds, before torch/Lightning are imported
     import lightning.pytorch as pl
+    import torch
 
     import lightning_dbq.training  # noqa: F401  (registers the dbq strategies)
 

@@ -5,20 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "validate_train_config"]
+__all__ = ["ConfigError", "get_key", "validate_train_config"]
 
 
 class ConfigError(ValueError):
     """A config value is invalid; the message starts with the dotted key."""
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
+def get_key(cfg: Any, key: str, default: Any = None) -> Any:
+    """The value at dotted ``key`` of a (DictConfig or dict) config, or ``default`` when a part is missing."""
     node = cfg
     for part in key.split("."):
         if node is None or part not in node:
             return default
         node = node[part]
     return node
+
+
+_get = get_key
 
 
 def validate_train_config(cfg: Any) -> None:

@@ -248,6 +248,8 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
             unsupported format version, or a manifest that is not a JSON object with the expected fields.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(path, "file", "is a directory, not an artifact file")
     if not path.is_file():
         raise FileNotFoundError(f"load_int: no such artifact file: {path}")
     try:

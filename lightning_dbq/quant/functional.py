@@ -36,8 +36,7 @@ __all__ = [
     "ste_round_half_up",
 ]
 
-MIN_BITS = 2
-MAX_BITS = 8
+from lightning_dbq.options import MAX_BITS, MIN_BITS  # noqa: E402
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:

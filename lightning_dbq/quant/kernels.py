@@ -24,7 +24,7 @@ from lightning_dbq.quant.fused import fused_double_round_fake, fused_lsq_fake
 
 __all__ = ["KERNELS", "Kernels", "check_kernel", "kernels"]
 
-KERNELS = ("fused", "eager", "compile")
+from lightning_dbq.options import KERNELS  # noqa: E402
 
 
 class Kernels(NamedTuple):

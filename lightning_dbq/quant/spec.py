@@ -11,7 +11,7 @@ from lightning_dbq.quant.functional import MAX_BITS, MIN_BITS
 
 __all__ = ["WEIGHT_MODES", "QuantSpec", "validate_bits"]
 
-WEIGHT_MODES = ("double_round", "floor", "unshared")
+from lightning_dbq.options import WEIGHT_MODES  # noqa: E402
 
 
 def validate_bits(bits: Any, name: str = "bits") -> tuple[int, ...]:
@@ -25,7 +25,7 @@ def validate_bits(bits: Any, name: str = "bits") -> tuple[int, ...]:
         >>> validate_bits([4, 8, 2, 6])
         (8, 6, 4, 2)
     """
-    if isinstance(bits, (str, bytes)) or not isinstance(bits, Iterable):
+    if isinstance(bits, (str, bytes, Mapping)) or not isinstance(bits, Iterable):
         raise TypeError(f"`{name}` must be a list of integers in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
     values = list(bits)
     if not values:
@@ -103,5 +103,7 @@ class QuantSpec:
         if "bits" in kw:
             kw["bits"] = tuple(validate_bits(kw["bits"]))
         if "skip" in kw:
+            if isinstance(kw["skip"], str) or not isinstance(kw["skip"], (list, tuple)):
+                raise ValueError(f"QuantSpec field skip must be a list of name patterns, got {kw['skip']!r}")
             kw["skip"] = tuple(kw["skip"])
         return cls(**kw)

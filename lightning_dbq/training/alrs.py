@@ -35,7 +35,8 @@ __all__ = [
     "scaled_scale_lr",
 ]
 
-ALRS_MODES = ("paper", "eq6", "off")
+from lightning_dbq.options import ALRS_MODES  # noqa: E402
+
 GROUP_KEY = "dbq_group"
 LAYER_KEY = "dbq_layer"
 

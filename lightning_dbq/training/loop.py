@@ -149,12 +149,14 @@ def _recording(closure: Callable[[], Any], state: BitLoopState, optimizer: Any, 
         out = closure()
         if isinstance(out, torch.Tensor):
             loss = out.detach()
-            if not bool(torch.isfinite(loss).all()):
+            finite = bool(torch.isfinite(loss).all())
+            if not finite or (state.max_loss is not None and float(loss.float().mean()) > state.max_loss):
                 if state.nonfinite == "stop":
+                    what = "" if finite else " (not finite)"
                     raise DivergenceError(
-                        f"training diverged: the loss is {float(loss.float().mean())} at {state.active_label} "
-                        f"(global step {step}). Lower the learning rate (or the scale learning rate), or set "
-                        "nonfinite='skip' to drop such steps."
+                        f"training diverged: the loss is {float(loss.float().mean()):.4g}{what} at "
+                        f"{state.active_label} (global step {step}; limit max_loss={state.max_loss}). Lower the "
+                        "learning rate (or the scale learning rate), or set nonfinite='skip' to drop such steps."
                     )
                 for group in optimizer.param_groups:
                     for p in group["params"]:

@@ -25,8 +25,7 @@ from lightning_dbq.training.strategy import is_bit_switch_strategy
 
 __all__ = ["DBQModule", "OPTIMIZERS", "SCHEDULERS"]
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("cosine", "onecycle", "none")
+from lightning_dbq.options import OPTIMIZERS, SCHEDULERS  # noqa: E402
 
 
 class DBQModule(pl.LightningModule):
@@ -55,6 +54,8 @@ class DBQModule(pl.LightningModule):
             (e.g. an FP32 model, as the paper initialises every quantized arm).
         nonfinite: a NaN/inf training loss ``"stop"``s the run with an error naming the bit (default) or
             ``"skip"``s that bit's step.
+        max_loss: a finite loss above this counts as diverged too (default 1e3: cross-entropy starts near
+            ``ln(num_classes)``, so 1e3 only trips on a blown-up run; ``None``: NaN/inf only).
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class DBQModule(pl.LightningModule):
         label_smoothing: float = 0.0,
         init_checkpoint: str | None = None,
         nonfinite: str = "stop",
+        max_loss: float | None = 1e3,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
@@ -102,7 +104,8 @@ class DBQModule(pl.LightningModule):
         if init_state is not None and quantized_init:  # a multi-precision checkpoint (e.g. before HASB)
             _load_into(self.model, _per_bit_to_transitional(init_state, self.model.state_dict()), str(init_checkpoint))
         self.dbq_state = BitLoopState(model=self.model, bits=bits, algorithm=algorithm, alrs=alrs,
-                                      alrs_act_scales=alrs_act_scales, kd=kd, nonfinite=nonfinite)  # fmt: skip
+                                      alrs_act_scales=alrs_act_scales, kd=kd, nonfinite=nonfinite,
+                                      max_loss=max_loss)  # fmt: skip
         self.val_metrics = PerBitMetrics(bits, num_classes)
         self.test_metrics = PerBitMetrics(bits, num_classes)
 

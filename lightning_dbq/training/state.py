@@ -16,8 +16,8 @@ from lightning_dbq.quant.prepare import set_bits
 
 __all__ = ["ALGORITHMS", "NONFINITE", "BitConfig", "BitLoopState", "bit_label", "get_state"]
 
-ALGORITHMS = ("A2", "A1")
-NONFINITE = ("stop", "skip")
+from lightning_dbq.options import ALGORITHMS, NONFINITE  # noqa: E402
+
 BitConfig = int | Mapping[str, int]
 # (global_step, bit_index, bits) -> per-layer config (HASB) or the uniform int
 ConfigSampler = Callable[[int, int, int], BitConfig]
@@ -45,6 +45,7 @@ class BitLoopState:
         losses: the detached loss of each configuration label in the current batch, set by the loop.
         nonfinite: a NaN/inf loss ``"stop"``s training with an error naming the bit, or ``"skip"``s that bit's
             step (counted in ``skipped_steps``).
+        max_loss: a finite loss above this also counts as diverged (``None``: only NaN/inf).
     """
 
     model: nn.Module
@@ -61,6 +62,7 @@ class BitLoopState:
     checked: bool = False
     losses: dict[str, Tensor] = field(default_factory=dict)
     nonfinite: str = "stop"
+    max_loss: float | None = None
     skipped_steps: int = 0
 
     def __post_init__(self) -> None:

@@ -63,6 +63,7 @@ class DoubleRoundingQAT(Callback):
         scale_lr_factor: learning rate of the scale groups relative to the group each scale came from.
         scale_weight_decay: weight decay of the scale groups (the method uses 0).
         nonfinite: a NaN/inf loss ``"stop"``s training with an error naming the bit, or ``"skip"``s that step.
+        max_loss: a finite loss above this counts as diverged too (default ``None``: your loss's scale is yours).
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class DoubleRoundingQAT(Callback):
         scale_lr_factor: float = 1.0,
         scale_weight_decay: float = 0.0,
         nonfinite: str = "stop",
+        max_loss: float | None = None,
     ) -> None:
         self.bits = validate_bits(bits)
         self.attr = attr
@@ -95,7 +97,7 @@ class DoubleRoundingQAT(Callback):
         self.scale_weight_decay = float(scale_weight_decay)
         self.metrics: PerBitMetrics | None = None
         self.test_metrics: PerBitMetrics | None = None
-        self.nonfinite = nonfinite
+        self.nonfinite, self.max_loss = nonfinite, max_loss
         BitLoopState(model=nn.Identity(), bits=self.bits, algorithm=algorithm, alrs=alrs, nonfinite=nonfinite)
 
     @property
