@@ -33,12 +33,27 @@ __all__ = ["ImageFolderDataModule", "decode_rgb"]
 
 
 def decode_rgb(path: str) -> Tensor:
-    """Decode an image file to a ``(3, H, W)`` uint8 RGB tensor (torchvision's decoder, PIL as fallback)."""
+    """Decode an image file to a ``(3, H, W)`` uint8 RGB tensor (torchvision's decoder, PIL as fallback).
+
+    Raises:
+        ValueError: naming the file, when it cannot be decoded or is a truncated JPEG (libjpeg would otherwise
+            fill the missing part with gray without an error).
+    """
     try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+        data = read_file(path)
+    except RuntimeError as e:
+        raise ValueError(f"cannot read image file {path!r}: {e}") from e
+    head, tail = bytes(data[:2].tolist()), bytes(data[-1024:].tolist())
+    if head == b"\xff\xd8" and b"\xff\xd9" not in tail:
+        raise ValueError(f"truncated JPEG {path!r}: no end-of-image marker ({data.numel()} bytes); re-copy the file")
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError:
-        with Image.open(path) as image:
-            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+        try:
+            with Image.open(path) as image:
+                return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+        except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+            raise ValueError(f"cannot decode image file {path!r}: {type(e).__name__}: {e}") from e
 
 
 def _check_dir(name: str, path: str) -> str:
@@ -130,6 +145,9 @@ class ImageFolderDataModule(SplitDataModule):
         self.root = _check_dir("root", os.fspath(root))
         self.test_root = None if test_root is None else _check_dir("test_root", os.fspath(test_root))
         self.classes = find_classes(self.root)[0]
+        if len(self.classes) < 2:
+            raise ValueError(f"root: {self.root!r} has {len(self.classes)} class folder(s) {self.classes}; "
+                             "classification needs at least 2 (one sub-folder per class)")  # fmt: skip
         if self.test_root is not None:
             _check_same_classes(self.classes, find_classes(self.test_root)[0], self.root, self.test_root)
         self.num_classes = len(self.classes)

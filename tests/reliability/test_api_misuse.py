@@ -168,3 +168,39 @@ def test_init_checkpoint_refuses_artifacts_lists_and_missing_files(tmp_path: Pat
         DBQModule(TinyNet(), num_classes=4, bits=[8, 2], init_checkpoint=str(listed))
     with pytest.raises(FileNotFoundError, match="no such file"):
         DBQModule(TinyNet(), num_classes=4, bits=[8, 2], init_checkpoint=str(tmp_path / "nope.ckpt"))
+
+
+def _jpegs(folder: Path, classes: list[str], n: int = 3) -> None:
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for c in classes:
+        (folder / c).mkdir(parents=True)
+        for i in range(n):
+            pixels = torch.randint(0, 255, (16, 16, 3), dtype=torch.uint8, generator=rng).numpy()
+            Image.fromarray(pixels).save(folder / c / f"{i}.jpg")
+
+
+def test_data_folder_faults(tmp_path: Path) -> None:
+    from lightning_dbq.data import ImageFolderDataModule
+    from lightning_dbq.data.imagefolder import decode_rgb
+
+    _jpegs(tmp_path / "one", ["only"])
+    with pytest.raises(ValueError, match=r"root: .*one.* has 1 class folder\(s\) \['only'\]; .*at least 2"):
+        ImageFolderDataModule(tmp_path / "one", image_size=16)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no class folders"):
+        ImageFolderDataModule(tmp_path / "empty", image_size=16)
+    with pytest.raises(FileNotFoundError):
+        ImageFolderDataModule(tmp_path / "missing", image_size=16)
+    _jpegs(tmp_path / "two", ["a", "b"])
+    bad = tmp_path / "two" / "b" / "1.jpg"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ValueError, match=r"truncated JPEG .*1\.jpg"):
+        decode_rgb(str(bad))
+    text = tmp_path / "two" / "a" / "notes.jpg"
+    text.write_text("not an image")
+    with pytest.raises(ValueError, match=r"cannot decode image file .*notes\.jpg"):
+        decode_rgb(str(text))
+    assert decode_rgb(str(tmp_path / "two" / "a" / "0.jpg")).shape == (3, 16, 16)
