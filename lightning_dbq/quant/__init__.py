@@ -4,6 +4,8 @@ Nothing here imports lightning, hydra or omegaconf.
 """
 
 from lightning_dbq.quant.artifact import load_int, read_manifest, save_int
+from lightning_dbq.quant.artifact_check import ArtifactError
+from lightning_dbq.quant.calibrate import calibrate
 from lightning_dbq.quant.factory import create_fp_model, create_model
 from lightning_dbq.quant.norm import PerBitNorm
 from lightning_dbq.quant.prepare import (
@@ -22,11 +24,13 @@ from lightning_dbq.quant.spec import QuantSpec, validate_bits
 
 __all__ = [
     "ActQuantizer",
+    "ArtifactError",
     "LayerInfo",
     "PerBitNorm",
     "QuantSpec",
     "WeightQuantizer",
     "bit_config",
+    "calibrate",
     "create_fp_model",
     "create_model",
     "first_last_layers",
