@@ -6,6 +6,7 @@ Nothing here imports lightning, hydra or omegaconf.
 from lightning_dbq.quant.artifact import load_int, read_manifest, save_int
 from lightning_dbq.quant.artifact_check import ArtifactError
 from lightning_dbq.quant.calibrate import calibrate
+from lightning_dbq.quant.convert import freeze
 from lightning_dbq.quant.factory import create_fp_model, create_model
 from lightning_dbq.quant.norm import PerBitNorm
 from lightning_dbq.quant.prepare import (
@@ -34,6 +35,7 @@ __all__ = [
     "create_fp_model",
     "create_model",
     "first_last_layers",
+    "freeze",
     "get_spec",
     "load_int",
     "prepare",

@@ -20,14 +20,19 @@ The shared weight scale is stored *relative to its initial value*: ``s_h = s_ref
   divided by ``2^(h−l_min)``) moved by a whole ``lr`` (1e-3 … 1e-2) per step, i.e. by more than itself: it crossed
   zero, was reflected by ``|p|`` and wandered over ``[0, ~lr]``. At 8 bits that is harmless; at 2 bits the step is
   ``2^6·s_h`` and a scale a few times too large rounds every 2-bit code to zero, which collapsed 2-bit training
-  to chance on some seeds (docs/design.md, "Scale parametrisation").
+  to chance on some seeds (docs/math.md §2.4).
 
 State dicts from before this change (no ``scale_ref``) load exactly: ``s_ref = |p_old| + eps`` and ``p = 1``.
+
+Inference weight cache: in eval mode under ``torch.no_grad()`` / ``torch.inference_mode()``, a
+:class:`WeightQuantizer` keeps the fake-quantized weight of each bit it has run at (see
+:meth:`WeightQuantizer.forward`), so serving a fixed model does not re-quantize every weight on every batch.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,13 +68,24 @@ class WeightQuantizer(nn.Module):
 
     .. math:: \\hat W_l = \\mathrm{clamp}(\\lfloor q_h / 2^k + 1/2 \\rfloor) \\cdot 2^k \\cdot s_h
 
-    The scale is initialised for the *lowest* candidate bit so low bits are not all zeros (DESIGN.md 2):
+    The scale is initialised for the *lowest* candidate bit so low bits are not all zeros (docs/math.md §2.3):
     ``s_h = 2·mean|W| / sqrt(Q_P(l_min)) / 2^(h − l_min)``. The LSQ gradient scale uses ``N`` = number of weights
     sharing one scale and ``Q_P(h)``.
 
     Baselines (``mode``): ``"floor"`` nests by truncation (``q_h >> k``) from the same shared scale;
     ``"unshared"`` keeps one LSQ scale per bit (``scales``), initialised with LSQ's rule at each bit, and needs
     FP32 weight storage.
+
+    Eval-mode cache: with ``self.training`` False and gradients off (``torch.no_grad()`` or
+    ``torch.inference_mode()``), the output is cached per active bit and reused while the weight and the scale
+    tensors are the same objects with the same storage (``data_ptr``) and the same ``_version`` counters (every
+    in-place change bumps them: optimizer steps, ``load_state_dict``, ``with torch.no_grad(): w.add_(1)``) and
+    ``kernel`` and ``mode`` are unchanged; any change drops every entry at once (a disabled quantizer bypasses the
+    cache). Memory: at most one tensor of the weight's size per candidate bit per layer (``len(bits)`` extra weight
+    copies when a model is evaluated at every bit), freed by ``train()`` and :meth:`clear_cache`, never saved or
+    pickled. Training mode, grad-enabled forwards, ``torch.compile`` / ``torch.jit.trace`` / ``torch.export`` tracing
+    and inference-tensor weights never use the cache. Not seen: writes through ``weight.data`` (which has its own
+    version counter): call :meth:`clear_cache` after those.
 
     Args:
         weight: the layer's weight, used for the initial scale and the shape of a per-channel scale.
@@ -80,6 +96,9 @@ class WeightQuantizer(nn.Module):
     """
 
     scale_ref: Tensor
+    _cache: dict[int, Tensor]
+    _cache_state: tuple[Any, ...] | None
+    _cache_refs: tuple[weakref.ref[Tensor], ...]
 
     def __init__(
         self,
@@ -99,6 +118,8 @@ class WeightQuantizer(nn.Module):
         self.enabled: bool = True
         self.per_channel = per_channel
         self.mode = mode
+        self._cache = {}
+        self._cache_state, self._cache_refs = None, ()
         w = weight.detach()
         if mode == "unshared":
             self.scales = nn.ParameterDict({str(b): nn.Parameter(self._lsq_init(w, b)) for b in self.bits})
@@ -138,9 +159,63 @@ class WeightQuantizer(nn.Module):
         return relative_scale(self.scale, self.scale_ref)
 
     def forward(self, w: Tensor) -> Tensor:
-        """Fake-quantize ``w`` at :attr:`active_bits` (identity when disabled)."""
+        """Fake-quantize ``w`` at :attr:`active_bits` (identity when disabled; cached in eval mode without grad)."""
         if not self.enabled:
             return w
+        if self.training or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return self._fake_quant(w)
+        found = self._cache_key(w)
+        if found is None:
+            return self._fake_quant(w)
+        state, refs = found
+        # a dead reference means the id may now belong to another tensor
+        if state != self._cache_state or any(r() is None for r in self._cache_refs):
+            self._cache.clear()  # weight, scale, kernel or mode changed: every bit's entry is stale
+            self._cache_state, self._cache_refs = state, refs
+        out = self._cache.get(self.active_bits)
+        if out is None:
+            out = self._cache[self.active_bits] = self._fake_quant(w)
+        return out
+
+    def _cache_key(self, w: Tensor) -> tuple[tuple[Any, ...], tuple[weakref.ref[Tensor], ...]] | None:
+        """Identity, storage and version of ``w`` and of every scale tensor, plus weak references that tell
+        whether those tensors are still alive (``None``: do not cache)."""
+        scales = tuple(self.scales.values()) if self.mode == "unshared" else (self.scale, self.scale_ref)
+        key: list[Any] = [self.kernel, self.mode]
+        refs = []
+        try:
+            for t in (w, *scales):
+                if type(t) not in (Tensor, nn.Parameter) or t.is_inference():
+                    return None  # tracing/functorch wrappers, or tensors without a version counter
+                key += [id(t), t.data_ptr(), t._version, t.device, t.dtype, t.shape, t.stride()]
+                refs.append(weakref.ref(t))
+        except RuntimeError:  # pragma: no cover - tensors without storage
+            return None
+        return tuple(key), tuple(refs)
+
+    def clear_cache(self) -> None:
+        """Drop the cached eval-mode weights (see the class docstring)."""
+        self._cache.clear()
+        self._cache_state, self._cache_refs = None, ()
+
+    def train(self, mode: bool = True) -> WeightQuantizer:
+        """Set training mode; entering training mode drops the eval-mode weight cache."""
+        if mode:
+            self.clear_cache()
+        return super().train(mode)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state: dict[str, Any] = super().__getstate__()
+        state["_cache"], state["_cache_state"], state["_cache_refs"] = {}, None, ()  # never pickled or copied
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_cache", {})  # pickles from before the cache existed
+        self.__dict__.setdefault("_cache_state", None)
+        self.__dict__.setdefault("_cache_refs", ())
+
+    def _fake_quant(self, w: Tensor) -> Tensor:
         s = self.effective_scale()
         n = w.numel() // s.numel()
         if self.mode == "unshared":
