@@ -57,7 +57,7 @@ def _num(lo: float, hi: float | None = None, lo_open: bool = False, hi_open: boo
 
 
 def _enum(values: Sequence[str]) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v in values), f"one of {list(values)}"
+    return (lambda v: v in values), str(list(values))
 
 
 def _optional(rule: tuple[Callable[[Any], bool], str]) -> tuple[Callable[[Any], bool], str]:
@@ -123,8 +123,15 @@ def _check_bits(value: Any) -> None:
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
         raise ConfigError(f"quant.bits: got {value!r} ({type(value).__name__}); allowed: {allowed}")
     items = list(value)
-    if not items or not all(_is_int(b) and MIN_BITS <= b <= MAX_BITS for b in items) or len(set(items)) != len(items):
-        raise ConfigError(f"quant.bits: got {items!r}; allowed: {allowed}")
+    if not items:
+        raise ConfigError(f"quant.bits: must not be empty; allowed: {allowed}")
+    for b in items:
+        if not _is_int(b):
+            raise ConfigError(f"quant.bits: got {b!r} ({type(b).__name__}) in {items!r}; allowed: {allowed}")
+        if not MIN_BITS <= b <= MAX_BITS:
+            raise ConfigError(f"quant.bits: got {b} in {items!r}, outside [{MIN_BITS}, {MAX_BITS}]; allowed: {allowed}")
+    if len(set(items)) != len(items):
+        raise ConfigError(f"quant.bits: {items!r} has duplicates; allowed: {allowed}")
 
 
 def _check_paths(cfg: Any) -> None:
@@ -155,5 +162,6 @@ def check_config_types(cfg: Any) -> None:
         if value is _MISSING:
             continue
         if not ok(value):
-            raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}); allowed: {allowed}")
+            kind = "" if allowed.startswith("[") else f" ({type(value).__name__})"
+            raise ConfigError(f"{key}: got {value!r}{kind}; allowed: {allowed}")
     _check_paths(cfg)

@@ -72,6 +72,9 @@ def check_model_source(path: str | Path, source: Any) -> tuple[str, dict[str, An
     if not isinstance(source, Mapping):
         raise ArtifactError(path, "model", f"must be an object {{name, kwargs}}, got {type(source).__name__}")
     name, kwargs = source.get("name"), source.get("kwargs", {})
+    if name is None:
+        raise ArtifactError(path, "model.name", "the artifact records no model name; pass `model=` (an unprepared "
+                            "instance of the architecture) to load_int")  # fmt: skip
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ArtifactError(
             path, "model.name", f"{name!r} is not a plain model name (letters, digits, '_', '.', '-'; no hub "
