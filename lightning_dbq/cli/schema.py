@@ -9,6 +9,7 @@ checks that need torch or timm (registered model names, data roots' contents) ru
 from __future__ import annotations
 
 import math
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,9 @@ def _check_paths(cfg: Any) -> None:
         )
     if path.stat().st_size == 0:
         raise ConfigError(f"ckpt_path: {str(ckpt)!r} is an empty file")
+    if not zipfile.is_zipfile(path):  # torch.save (and so every Lightning checkpoint) writes a zip archive
+        raise ConfigError(f"ckpt_path: {str(ckpt)!r} is not a torch/Lightning checkpoint (not a torch.save zip "
+                          "archive): truncated, or another kind of file")  # fmt: skip
 
 
 def check_config_types(cfg: Any) -> None:

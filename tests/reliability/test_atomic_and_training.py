@@ -77,8 +77,9 @@ _WRITER = textwrap.dedent(
 
 @pytest.mark.slow
 def test_kill_9_during_save_int_25_times(tmp_path: Path, report) -> None:
-    """A writer saving a resnet18 artifact (~11 MB) in a loop is killed at random moments, 25 times: the file on
-    disk always verifies and loads, and the next save sweeps every temp file the killed writers left."""
+    """A writer saving a resnet18 artifact (~11 MB) in a loop is killed while its temp file is being written, 25
+    times: the file on disk always verifies and loads, and the next save sweeps every temp file the killed writers
+    left."""
     path = make_artifact(tmp_path, name="target.dbq.safetensors")
     rng = random.Random(0)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -86,7 +87,11 @@ def test_kill_9_during_save_int_25_times(tmp_path: Path, report) -> None:
     for i in range(25):
         proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(i)], stdout=subprocess.PIPE, env=env)
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        time.sleep(rng.uniform(0.0, 0.6))
+        # aim inside the write window: wait until this writer's temp file exists, then kill a moment later
+        deadline = time.monotonic() + 30
+        while not list(tmp_path.glob(f".dbq-{proc.pid}-*.partial")) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        time.sleep(rng.uniform(0.0, 0.005))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         dbq.read_manifest(path)

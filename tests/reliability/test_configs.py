@@ -89,7 +89,11 @@ def test_ckpt_path_checks(tmp_path: Path) -> None:
     art.write_bytes(b"x")
     empty = tmp_path / "e.ckpt"
     empty.write_bytes(b"")
-    for path, match in ((tmp_path / "none.ckpt", "is not a file"), (art, "int artifact"), (empty, "empty file")):
+    text = tmp_path / "t.ckpt"
+    text.write_text("epoch=3\n")
+    cases = ((tmp_path / "none.ckpt", "is not a file"), (art, "int artifact"), (empty, "empty file"),
+             (text, "not a torch/Lightning checkpoint"))  # fmt: skip
+    for path, match in cases:
         with pytest.raises(ConfigError, match=f"ckpt_path: .*{match}"):
             check_config_types(_compose(f"ckpt_path={path}"))
 
