@@ -19,6 +19,9 @@ What :func:`freeze` produces, layer by layer:
   original class). Its cost: the state-dict keys of a wrapped layer gain a level, ``conv1.weight`` becomes
   ``conv1.layer.weight`` and the activation scale is ``conv1.act_quant.scale``. Layers of models prepared with
   ``quantize_acts=False`` (or whose activation quantizer is disabled) keep their place and their keys;
+* each frozen quantized layer (weight quantizer enabled) also carries its weight scale as a non-persistent buffer
+  ``dbq_weight_scale`` (``s_h``: 0-dim, or ``(C, 1, ...)`` per channel; not in the state dict) and its bits as the
+  int attribute ``dbq_weight_bits``, so ``weight / dbq_weight_scale`` are its integer codes (what ONNX export needs);
 * each :class:`~lightning_dbq.quant.norm.PerBitNorm` / :class:`~lightning_dbq.quant.norm.TransitionalNorm` is
   replaced by its active copy (the plain ``BatchNorm2d`` / ``BatchNormAct2d`` of the configuration).
 
@@ -45,10 +48,20 @@ from lightning_dbq.quant.norm import PerBitNorm, TransitionalNorm
 from lightning_dbq.quant.prepare import bit_config, get_spec, set_bits
 from lightning_dbq.quant.quantizers import SCALE_EPS
 
-__all__ = ["FROZEN_CONFIG_ATTR", "FROZEN_SPEC_ATTR", "FrozenActQuant", "FrozenQuantLayer", "freeze"]
+__all__ = [
+    "FROZEN_CONFIG_ATTR",
+    "FROZEN_SPEC_ATTR",
+    "WEIGHT_BITS_ATTR",
+    "WEIGHT_SCALE_ATTR",
+    "FrozenActQuant",
+    "FrozenQuantLayer",
+    "freeze",
+]
 
 FROZEN_CONFIG_ATTR = "dbq_frozen_config"
 FROZEN_SPEC_ATTR = "dbq_frozen_spec"
+WEIGHT_SCALE_ATTR = "dbq_weight_scale"  # non-persistent buffer on each frozen quantized layer: its weight scale
+WEIGHT_BITS_ATTR = "dbq_weight_bits"  # int attribute on each frozen quantized layer: the bits it runs at
 _SPEC_ATTR = "_dbq_spec"  # lightning_dbq.quant.prepare's marker of a switchable model
 
 
@@ -113,6 +126,8 @@ def _freeze_layer(m: DBQLayer) -> nn.Module:
     """Fold ``m``'s quantized weight, restore its original class; wrap it when its input is quantized."""
     assert isinstance(m, nn.Module)
     w = m.weight_quant(m.weight).detach().clone()
+    wq = m.weight_quant
+    w_scale = wq.effective_scale().detach().float().clone() if wq.enabled else None  # s_h (export needs it)
     aq = m.act_quant
     frozen_aq = None
     if aq is not None and aq.enabled:
@@ -126,6 +141,9 @@ def _freeze_layer(m: DBQLayer) -> nn.Module:
     m.__dict__.pop("_dbq_fast", None)
     m.__class__ = base  # type: ignore[assignment]
     m.weight = nn.Parameter(w, requires_grad=False)
+    if w_scale is not None:  # for export: weight == codes · scale, codes = q_l·2^(h−l) (not in the state dict)
+        m.register_buffer(WEIGHT_SCALE_ATTR, w_scale, persistent=False)
+        setattr(m, WEIGHT_BITS_ATTR, int(wq.active_bits))
     return m if frozen_aq is None else FrozenQuantLayer(frozen_aq, m)
 
 
