@@ -33,9 +33,19 @@ def load_model(path: str) -> torch.nn.Module:
         from lightning_dbq.quant.artifact import load_int
 
         return load_int(p)
+    import zipfile
+
     from lightning_dbq.training.module import DBQModule
 
-    return DBQModule.load_from_checkpoint(p, map_location="cpu").model
+    if p.stat().st_size == 0 or not zipfile.is_zipfile(p):
+        raise ConfigError(
+            f"checkpoint: {path!r} is neither an int artifact (*.safetensors) nor a Lightning checkpoint "
+            "(a torch.save zip archive): empty, truncated or another kind of file"
+        )
+    try:
+        return DBQModule.load_from_checkpoint(p, map_location="cpu").model
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise ConfigError(f"checkpoint: {path!r} is not a DBQModule checkpoint ({type(e).__name__}: {e})") from e
 
 
 def _find_traces(cfg: DictConfig) -> Path | None:

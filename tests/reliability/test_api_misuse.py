@@ -204,3 +204,16 @@ def test_data_folder_faults(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"cannot decode image file .*notes\.jpg"):
         decode_rgb(str(text))
     assert decode_rgb(str(tmp_path / "two" / "a" / "0.jpg")).shape == (3, 16, 16)
+
+
+def test_search_cli_refuses_bad_checkpoint_files(tmp_path: Path) -> None:
+    from lightning_dbq.cli.search import load_model
+    from lightning_dbq.cli.validate import ConfigError
+
+    for name, content in (("empty.ckpt", b""), ("text.ckpt", b"epoch=3\n"), ("junk.ckpt", b"\x80\x04garbage")):
+        bad = tmp_path / name
+        bad.write_bytes(content)
+        with pytest.raises(ConfigError, match=rf"checkpoint: .*{name}.* neither an int artifact"):
+            load_model(str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_model(str(tmp_path / "missing.ckpt"))
