@@ -9,6 +9,7 @@ the normal Lightning machinery (precision plugin, clipping, DDP reducer), so ``g
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -149,12 +150,13 @@ def _recording(closure: Callable[[], Any], state: BitLoopState, optimizer: Any, 
         out = closure()
         if isinstance(out, torch.Tensor):
             loss = out.detach()
-            finite = bool(torch.isfinite(loss).all())
-            if not finite or (state.max_loss is not None and float(loss.float().mean()) > state.max_loss):
+            value = float(loss.float().mean())  # one host sync per bit: NaN/inf propagate through the mean
+            finite = math.isfinite(value)
+            if not finite or (state.max_loss is not None and value > state.max_loss):
                 if state.nonfinite == "stop":
                     what = "" if finite else " (not finite)"
                     raise DivergenceError(
-                        f"training diverged: the loss is {float(loss.float().mean()):.4g}{what} at "
+                        f"training diverged: the loss is {value:.4g}{what} at "
                         f"{state.active_label} (global step {step}; limit max_loss={state.max_loss}). Lower the "
                         "learning rate (or the scale learning rate), or set nonfinite='skip' to drop such steps."
                     )
