@@ -18,6 +18,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs; at run time see __getattr__
+    from lightning_dbq.export import export_onnx
     from lightning_dbq.quant.artifact import load_int, read_manifest, save_int
     from lightning_dbq.quant.artifact_check import ArtifactError
     from lightning_dbq.quant.calibrate import calibrate
@@ -47,6 +48,7 @@ __all__ = [
     "bit_config",
     "calibrate",
     "create_model",
+    "export_onnx",
     "freeze",
     "load_int",
     "prepare",
@@ -59,10 +61,15 @@ __all__ = [
 ]
 
 
+_EXPORT_NAMES = frozenset({"export_onnx"})
+
+
 def __getattr__(name: str) -> Any:
-    """Load a public name from :mod:`lightning_dbq.quant` on first access (PEP 562)."""
+    """Load a public name from :mod:`lightning_dbq.quant` (or :mod:`lightning_dbq.export`) on first access
+    (PEP 562)."""
     if name in __all__ and name != "__version__":
-        value = getattr(import_module("lightning_dbq.quant"), name)
+        module = "lightning_dbq.export" if name in _EXPORT_NAMES else "lightning_dbq.quant"
+        value = getattr(import_module(module), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'lightning_dbq' has no attribute {name!r}")

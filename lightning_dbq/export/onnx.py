@@ -1,4 +1,5 @@
-"""ONNX export of one bit configuration as an int8 QDQ graph (``mode="exact"``).
+"""ONNX export of one bit configuration as an int8 QDQ graph (``mode="exact"``; ``mode="integer"``: see
+:mod:`lightning_dbq.export.integer`).
 
 Every configuration of a Double Rounding model is exactly an int8 QDQ graph:
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -228,6 +229,7 @@ def export_onnx(
     example_input: Tensor,
     *,
     mode: str = "exact",
+    calibration_data: Iterable[Tensor] | None = None,
     opset: int = 17,
 ) -> Path:
     """Export one bit configuration of a prepared model to an ONNX file (an int8 QDQ graph).
@@ -242,7 +244,11 @@ def export_onnx(
         bits_or_config: one ``int`` for every quantized layer, or ``{layer_name: bits}`` (as ``freeze`` accepts).
         path: the ``.onnx`` file to write (its folder is created; written atomically: temp file + rename).
         example_input: one input batch used to trace the model (any batch size).
-        mode: ``"exact"`` (implemented) or ``"integer"`` (not implemented yet).
+        mode: ``"exact"`` or ``"integer"`` (:mod:`lightning_dbq.export.integer`: norms folded into the weight
+            scales, calibrated 8-bit Q/DQ on the remaining float edges, int32 biases, so that ONNX Runtime runs
+            every quantized convolution as ``QLinearConv``; approximate — measure it).
+        calibration_data: ``integer`` mode only (required there): a few preprocessed input batches (tensors) to
+            calibrate the added 8-bit edges; a few hundred images are plenty.
         opset: ONNX opset (13 or later: per-channel ``QuantizeLinear``).
 
     Returns:
@@ -251,13 +257,24 @@ def export_onnx(
     Raises:
         ValueError: an unknown ``mode``; whatever :func:`~lightning_dbq.freeze` raises (model not prepared,
             uninitialised activation scales, bad config); weights whose codes do not fit int8.
-        NotImplementedError: ``mode="integer"``.
+        ValueError: ``mode="integer"`` without ``calibration_data`` (or with an empty one), or ``calibration_data``
+            given in ``exact`` mode.
         ImportError: ``onnx`` is not installed (the ``onnx`` extra).
     """
     if mode not in EXPORT_MODES:
         raise ValueError(f"export_onnx(): mode must be one of {list(EXPORT_MODES)}, got {mode!r}")
+    batches: list[np.ndarray] = []
     if mode == "integer":
-        raise NotImplementedError("integer mode: not implemented yet")
+        if calibration_data is None:
+            raise ValueError(
+                "export_onnx(): mode='integer' needs calibration_data (a few preprocessed input batches) to "
+                "calibrate the 8-bit edges it adds"
+            )
+        batches = [np.asarray(torch.as_tensor(x).detach().float().cpu().numpy()) for x in calibration_data]
+        if not batches:
+            raise ValueError("export_onnx(): calibration_data is empty; give a few preprocessed input batches")
+    elif calibration_data is not None:
+        raise ValueError("export_onnx(): calibration_data is only used by mode='integer'")
     onnx = _require_onnx()
     out = Path(path)
     frozen = freeze(model, bits_or_config)
@@ -277,5 +294,9 @@ def export_onnx(
         )
         proto = onnx.load(str(raw))
     _fold_weight_quantize(proto)
+    if mode == "integer":
+        from lightning_dbq.export.integer import integerize
+
+        integerize(proto, batches)
     _write_atomic(proto.SerializeToString(), out)
     return out

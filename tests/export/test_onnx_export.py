@@ -172,11 +172,9 @@ def test_per_channel_export(tmp_path: Path, report) -> None:
     assert float((ref.argmax(1) == got.argmax(1)).float().mean()) >= 0.95
 
 
-def test_bad_mode_and_integer_mode(resnet: nn.Module, tmp_path: Path) -> None:
+def test_bad_mode(resnet: nn.Module, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="exact"):
         export_onnx(resnet, 8, tmp_path / "m.onnx", torch.rand(1, 3, 32, 32), mode="fast")
-    with pytest.raises(NotImplementedError, match="integer mode"):
-        export_onnx(resnet, 8, tmp_path / "m.onnx", torch.rand(1, 3, 32, 32), mode="integer")
     assert not (tmp_path / "m.onnx").exists()
 
 
