@@ -44,9 +44,15 @@ def _overrides(recipe: dict[str, Any], smoke: bool) -> list[str]:
         "model=cifar_resnet20", f"trainer.max_epochs={recipe['epochs']}", f"optim.lr={recipe['lr']}", "seed=0",
         "logger=csv", "test=false", "quant.bits=[8,6,4,2]",
     ]  # fmt: skip
-    if smoke:
-        o += ["callbacks.hessian.num_images=64", "callbacks.hessian.batch_size=32",
-              "callbacks.hessian.min_samples=4", "callbacks.hessian.max_samples=4"]  # fmt: skip
+    h = 64 if smoke else 1000
+    o += [  # the multi-precision run's own SubNet search gives the Pareto configuration
+        "+callbacks.hessian._target_=lightning_dbq.training.callbacks.hessian.HessianTraces",
+        "+callbacks.hessian.output_dir=${paths.output_dir}", f"+callbacks.hessian.num_images={h}",
+        "+callbacks.hessian.batch_size=125", f"+callbacks.hessian.max_samples={4 if smoke else 32}",
+        f"+callbacks.hessian.min_samples={4 if smoke else 8}", "+callbacks.hessian.compute_at=demand",
+        "+callbacks.search._target_=lightning_dbq.training.callbacks.search.SubNetSearch",
+        "+callbacks.search.output_dir=${paths.output_dir}",
+    ]  # fmt: skip
     return o
 
 
@@ -75,8 +81,10 @@ def train(recipe: dict[str, Any], out: Path, smoke: bool) -> Path:
 def _datamodule(recipe: dict[str, Any]) -> Any:
     from lightning_dbq.data import ImageFolderDataModule
 
-    dm = ImageFolderDataModule(str(DATA), batch_size=recipe["batch_size"], val_per_class=recipe["val_per_class"],
-                               train_subset=recipe["train_subset"], cache_in_memory=True, seed=0, augment=False)  # fmt: skip
+    dm = ImageFolderDataModule(
+        str(DATA), batch_size=recipe["batch_size"], val_per_class=recipe["val_per_class"],
+        train_subset=recipe["train_subset"], cache_in_memory=True, seed=0, augment=False,
+    )  # fmt: skip
     dm.setup()
     return dm
 
@@ -143,8 +151,9 @@ def measure(recipe: dict[str, Any], ckpt: Path, run_dir: Path) -> dict[str, Any]
                 ref = torch.cat([model(x) for x in xs])
             frozen = dbq.freeze(model, cfg)
             flips, codes = _tie_flips(frozen, xs)
-            row: dict[str, Any] = {"avg_bits": _avg_bits(model, cfg), "torch_acc": float((ref.argmax(1) == ys).float().mean()),
-                                   "tie_flip_codes": flips, "codes": codes}  # fmt: skip
+            acc = float((ref.argmax(1) == ys).float().mean())
+            row: dict[str, Any] = {"avg_bits": _avg_bits(model, cfg), "torch_acc": acc, "tie_flip_codes": flips,
+                                   "codes": codes}  # fmt: skip
             for mode in ("exact", "integer"):
                 kw = {"calibration_data": calib} if mode == "integer" else {}
                 path = dbq.export_onnx(model, cfg, Path(tmp) / f"{name}_{mode}.onnx", xs[0][:1], mode=mode, **kw)
@@ -158,9 +167,11 @@ def measure(recipe: dict[str, Any], ckpt: Path, run_dir: Path) -> dict[str, Any]
             row["integer"]["acc_minus_torch"] = row["integer"]["acc"] - row["torch_acc"]
             out["configs"][name] = row
             e, i = row["exact"], row["integer"]
-            print(f"{name:>16}: torch acc {row['torch_acc']:.4f} | exact agree {e['agreement']:.4f} "
-                  f"max|dl| {e['max_abs_dlogit']:.3g} | integer acc {i['acc']:.4f} ({100 * i['acc_minus_torch']:+.2f} pt) "
-                  f"agree {i['agreement']:.4f} | tie flips {flips}/{codes}")  # fmt: skip
+            print(
+                f"{name:>16}: torch acc {row['torch_acc']:.4f} | exact agree {e['agreement']:.4f} "
+                f"max|dl| {e['max_abs_dlogit']:.3g} | integer acc {i['acc']:.4f} "
+                f"({100 * i['acc_minus_torch']:+.2f} pt) agree {i['agreement']:.4f} | tie flips {flips}/{codes}"
+            )
     return out
 
 
@@ -186,8 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = train(recipe, run_dir, args.smoke)
     t_train = time.time() - t0
     result = measure(recipe, ckpt, run_dir)
-    result.update({"recipe": recipe, "train_seconds": round(t_train, 1), "cpu": platform.processor() or platform.machine(),
-                   "command": "python -m experiments.serve.onnx_parity" + (" --smoke" if args.smoke else "")})  # fmt: skip
+    cmd = "python -m experiments.serve.onnx_parity" + (" --smoke" if args.smoke else "")
+    cpu = platform.processor() or platform.machine()
+    result.update({"recipe": recipe, "train_seconds": round(t_train, 1), "cpu": cpu, "command": cmd})
     dest = RESULTS / ("smoke" if args.smoke else "") / "onnx_parity.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(result, indent=1))
