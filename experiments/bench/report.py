@@ -32,6 +32,7 @@ _HOW = {
     "P4": "`save_int` file size vs FP32 `state_dict` tensor bytes",
     "P5": "time to 5% rel. SE on every layer, extrapolated from measured per-sample time and variance",
     "P6": "`pareto_front_dp` wall-clock, median",
+    "P7": "serving latency vs FP32 eager, same batch, 1 thread; frozen PyTorch and ONNX Runtime (`export_onnx`)",
 }
 
 
