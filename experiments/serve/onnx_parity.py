@@ -31,7 +31,7 @@ DATA = ROOT.parent / "shared" / "data" / "cifar10" / "train"
 RESULTS = ROOT / "experiments" / "results"
 RUNS = ROOT / "experiments" / "serve" / "runs"
 
-RECIPE: dict[str, Any] = {"train_subset": 8000, "val_per_class": 200, "batch_size": 128, "epochs": 4, "lr": 2e-3,
+RECIPE: dict[str, Any] = {"train_subset": 3000, "val_per_class": 200, "batch_size": 100, "epochs": 3, "lr": 2e-3,
                           "calib_images": 256}  # fmt: skip
 SMOKE: dict[str, Any] = {"train_subset": 200, "val_per_class": 10, "batch_size": 50, "epochs": 1, "lr": 2e-3,
                          "calib_images": 64}  # fmt: skip
@@ -44,11 +44,11 @@ def _overrides(recipe: dict[str, Any], smoke: bool) -> list[str]:
         "model=cifar_resnet20", f"trainer.max_epochs={recipe['epochs']}", f"optim.lr={recipe['lr']}", "seed=0",
         "logger=csv", "test=false", "quant.bits=[8,6,4,2]",
     ]  # fmt: skip
-    h = 64 if smoke else 1000
+    h = 64 if smoke else 256
     o += [  # the multi-precision run's own SubNet search gives the Pareto configuration
         "+callbacks.hessian._target_=lightning_dbq.training.callbacks.hessian.HessianTraces",
         "+callbacks.hessian.output_dir=${paths.output_dir}", f"+callbacks.hessian.num_images={h}",
-        "+callbacks.hessian.batch_size=125", f"+callbacks.hessian.max_samples={4 if smoke else 32}",
+        "+callbacks.hessian.batch_size=125", f"+callbacks.hessian.max_samples={4 if smoke else 16}",
         f"+callbacks.hessian.min_samples={4 if smoke else 8}", "+callbacks.hessian.compute_at=demand",
         "+callbacks.search._target_=lightning_dbq.training.callbacks.search.SubNetSearch",
         "+callbacks.search.output_dir=${paths.output_dir}",
