@@ -345,6 +345,37 @@ class SplitDataModule(pl.LightningDataModule):
         """A separate test set, or ``None`` to test on the validation split."""
         return None
 
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """How an evaluation image becomes a model input, as ``save_int(preprocessing=...)`` records it.
+
+        ``{"mean": [...], "std": [...], "image_size": int, "interpolation": "bilinear" | "bicubic" | "nearest" |
+        "none", "channels": int}`` (see :func:`~lightning_dbq.data.preprocess.apply_preprocessing`).
+
+        Raises:
+            NotImplementedError: a data module that does not describe its preprocessing (the base class).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not describe its preprocessing")
+
+    @property
+    def class_names(self) -> list[str]:
+        """The label of each class index, as ``save_int(class_names=...)`` records it.
+
+        Raises:
+            NotImplementedError: a data module that does not name its classes (the base class).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not name its classes")
+
+    def _preprocessing(self, mean: Sequence[float], std: Sequence[float], interpolation: str) -> dict[str, Any]:
+        """The ``preprocessing`` record of this module's ``image_size`` and ``in_chans``."""
+        return {
+            "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std],
+            "image_size": int(self.image_size),
+            "interpolation": interpolation,
+            "channels": int(self.in_chans),
+        }
+
     def split_indices(self) -> SplitIndices:
         """Return the (cached) train / val indices into the train pool.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -95,6 +96,27 @@ class CIFAR10DataModule(SplitDataModule):
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self._train_pool: tuple[Tensor, Tensor] | None = None
+        self._classes: list[str] | None = None
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """``mean`` / ``std`` as given, ``image_size``, 3 channels, ``"bilinear"`` (images of another size are resized
+        on the shorter side, antialiased, and center-cropped). Available right after ``__init__``."""
+        return self._preprocessing(self.mean, self.std, "bilinear")
+
+    @property
+    def class_names(self) -> list[str]:
+        """CIFAR-10's label names (``batches.meta``) in class-index order: ``airplane``, ``automobile``, ...
+
+        Available after ``setup()`` (they are read with the images).
+
+        Raises:
+            RuntimeError: before ``setup()``, or when the dataset names no classes.
+        """
+        if self._classes is None:
+            raise RuntimeError("CIFAR10DataModule.class_names is available after setup() (the names are read from "
+                               "the dataset's batches.meta with the images)")  # fmt: skip
+        return list(self._classes)
 
     def prepare_data(self) -> None:
         """Download CIFAR-10 when ``download=True`` (called on one process per node by Lightning)."""
@@ -106,6 +128,9 @@ class CIFAR10DataModule(SplitDataModule):
             dataset = CIFAR10(self.root, train=train, download=False)
         except RuntimeError as err:
             raise _not_found(self.root, str(err)) from err
+        classes = getattr(dataset, "classes", None)
+        if isinstance(classes, list) and len(classes) == self.num_classes:
+            self._classes = [str(c) for c in classes]
         images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2)
         images = resize_center_crop(images, self.image_size).contiguous()
         return images, torch.as_tensor(dataset.targets, dtype=torch.int64)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,23 @@ class DigitsDataModule(SplitDataModule):
         self.std: tuple[float, ...] | None = None
         self._images: Tensor | None = None
         self._labels: Tensor | None = None
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """The train-split ``mean`` / ``std`` (one value repeated per channel), ``image_size``, ``in_chans`` channels,
+        ``"bilinear"`` (the 8×8 digits are upsampled bilinearly to ``image_size``).
+
+        The statistics depend on the split, so the first access loads the data and computes them (what ``setup``
+        does anyway). Serving inputs are the 8×8 digits as floats in ``[0, 1]`` (pixel / 16) or uint8 (0..255),
+        repeated to ``in_chans`` channels.
+        """
+        mean, std = self._stats()
+        return self._preprocessing(mean, std, "bilinear")
+
+    @property
+    def class_names(self) -> list[str]:
+        """``"0"`` … ``"9"``. Available right after ``__init__``."""
+        return [str(i) for i in range(self.num_classes)]
 
     def _load(self) -> tuple[Tensor, Tensor]:
         if self._images is None or self._labels is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -159,6 +160,18 @@ class ImageFolderDataModule(SplitDataModule):
         self.cache_in_memory = cache_in_memory
         self._folder: ImageFolder | None = None
         self._cache: tuple[Tensor, Tensor, dict[int, int]] | None = None
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """``mean`` / ``std`` as given, ``image_size``, 3 channels (images are decoded as RGB), ``"bilinear"``
+        (shorter side resized, antialiased, then center-cropped). Available right after ``__init__``."""
+        return self._preprocessing(self.mean, self.std, "bilinear")
+
+    @property
+    def class_names(self) -> list[str]:
+        """The class folder names of ``root`` in class-index order (sorted, as ``ImageFolder`` numbers them).
+        Available right after ``__init__``."""
+        return list(self.classes)
 
     @property
     def samples(self) -> list[tuple[str, int]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,18 @@ class SyntheticDataModule(SplitDataModule):
         self.in_chans = in_chans
         self.noise = noise
         self._data: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """Identity normalisation (``mean`` 0, ``std`` 1 per channel), ``image_size``, ``in_chans`` channels,
+        ``"none"``: the images are generated at ``image_size`` and never resized. Available right after
+        ``__init__``."""
+        return self._preprocessing([0.0] * self.in_chans, [1.0] * self.in_chans, "none")
+
+    @property
+    def class_names(self) -> list[str]:
+        """``"class_0"`` … ``"class_{num_classes-1}"``. Available right after ``__init__``."""
+        return [f"class_{i}" for i in range(self.num_classes)]
 
     def _load(self) -> tuple[Tensor, Tensor]:
         if self._data is None:

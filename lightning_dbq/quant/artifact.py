@@ -7,6 +7,14 @@ activation scales), and a JSON manifest in the safetensors header: format name a
 SHA-256 checksum over every tensor *and the canonical manifest* (format 2), optionally with an HMAC-SHA256 under a
 deployment key (``key=`` or ``LIGHTNING_DBQ_ARTIFACT_KEY``).
 
+Optional manifest fields (absent when not set; :func:`read_manifest` returns them as ``None`` then):
+``preprocessing`` (``{mean, std, image_size, interpolation, channels}``: what a serving user must do to an image,
+see :func:`lightning_dbq.data.preprocess.apply_preprocessing`), ``class_names`` (one label per class index), and,
+for *slim* artifacts (:mod:`lightning_dbq.quant.slim`, ``save_int(..., bits=...)``), either ``config``
+(``{layer: bits}``: one configuration, each layer's codes at its own width) or ``available_bits`` (a bit subset,
+each layer's codes at the narrowest width that reproduces every kept bit); each layer entry then also records
+``code_bits``, the width of its stored codes.
+
 An artifact is untrusted input: :func:`load_int` checks the checksum (and the HMAC when a key is set), then the
 manifest's schema and limits, the model source (registered local models only: no network, no file the artifact
 names) and every tensor (dtypes, shapes, code ranges, finite positive scales) before building anything
@@ -21,7 +29,7 @@ import hmac
 import json
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +40,39 @@ from torch import nn
 
 from lightning_dbq.quant.artifact_check import (
     ArtifactError,
+    check_class_names,
     check_layers,
     check_model_source,
+    check_preprocessing,
     check_tensors,
     decoded_codes,
 )
 from lightning_dbq.quant.layers import DBQLayer
 from lightning_dbq.quant.packing import pack_codes, pack_width
-from lightning_dbq.quant.prepare import get_spec, prepare
+from lightning_dbq.quant.prepare import get_spec, prepare, set_bits
 from lightning_dbq.quant.quantizers import ActQuantizer
+from lightning_dbq.quant.slim import (
+    AVAILABLE_BITS_ATTR,
+    CONFIG_ATTR,
+    check_selection,
+    decode_weight,
+    fake_weight,
+    narrowest_width,
+    resolve_selection,
+)
 from lightning_dbq.quant.spec import QuantSpec
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "KEY_ENV", "ArtifactError", "load_int", "read_manifest", "save_int"]
+__all__ = [
+    "CLASS_NAMES_ATTR",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "KEY_ENV",
+    "PREPROCESSING_ATTR",
+    "ArtifactError",
+    "load_int",
+    "read_manifest",
+    "save_int",
+]
 
 FORMAT_NAME = "lightning_dbq.int"
 FORMAT_VERSION = 2  # 2: the checksum covers the manifest; 1 (tensors only) is still read, with a warning
@@ -53,6 +82,10 @@ _CODES_PREFIX = "__codes__."
 _PARTIAL = ".partial"
 SOURCE_ATTR = "_dbq_source"
 _MANIFEST_KEYS = {"format", "version", "bits", "spec", "model", "layers", "checksum", "extra"}
+# optional fields: absent (or null, which the checksum treats as absent) when not set
+_OPTIONAL_KEYS = ("preprocessing", "class_names", "config", "available_bits")
+PREPROCESSING_ATTR = "dbq_preprocessing"  # on a loaded model: the manifest's preprocessing dict, or None
+CLASS_NAMES_ATTR = "dbq_class_names"  # on a loaded model: the manifest's class names, or None
 
 
 def _model_source(model: nn.Module, model_name: str | None, model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -83,8 +116,11 @@ def _tensor_digest(tensors: Mapping[str, torch.Tensor]) -> hashlib._Hash:
 
 
 def _canonical(manifest: Mapping[str, Any]) -> bytes:
-    """The manifest without its ``checksum`` / ``hmac`` fields as canonical JSON (sorted keys, no spaces)."""
-    body = {k: v for k, v in manifest.items() if k not in ("checksum", "hmac")}
+    """The manifest without its ``checksum`` / ``hmac`` fields and without optional fields set to ``null`` (the same
+    as absent) as canonical JSON (sorted keys, no spaces)."""
+    body = {
+        k: v for k, v in manifest.items() if k not in ("checksum", "hmac") and not (k in _OPTIONAL_KEYS and v is None)
+    }
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
@@ -141,6 +177,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _num_classes(model: nn.Module, source: Mapping[str, Any]) -> int | None:
+    """The model's number of classes when known (its ``num_classes`` attribute, else the source kwargs)."""
+    for n in (getattr(model, "num_classes", None), source.get("kwargs", {}).get("num_classes")):
+        if isinstance(n, int) and not isinstance(n, bool):
+            return n
+    return None
+
+
+def _slim_layer(
+    path: Path, name: str, m: Any, q_high: torch.Tensor, kept: Sequence[int], mode: str
+) -> tuple[int, torch.Tensor]:
+    """The narrowest codes of one layer for the ``kept`` bits, verified on the float weights the loaded model will
+    compute with (``fake(decode(codes)) == fake(weight)`` at every kept bit, bit for bit)."""
+    high = m.weight_quant.high_bits
+    width, codes = narrowest_width(q_high, high, kept, mode)
+    weight = m.weight.detach().cpu()
+    scale = m.weight_quant.effective_scale().detach().cpu()
+    rebuilt = decode_weight(codes, width, high, scale).to(weight.dtype)
+    for b in kept:
+        if not torch.equal(fake_weight(weight, scale, high, b, mode), fake_weight(rebuilt, scale, high, b, mode)):
+            raise ArtifactError(path, f"layer {name!r}", f"its {width}-bit codes do not reproduce its {b}-bit weights "
+                                "exactly; nothing was written")  # fmt: skip
+    return width, codes
+
+
 def save_int(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -149,6 +210,9 @@ def save_int(
     model_kwargs: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     key: str | bytes | None = None,
+    bits: int | Sequence[int] | Mapping[str, int] | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> Path:
     """Write the integer artifact of a prepared model.
 
@@ -163,16 +227,38 @@ def save_int(
         extra: any JSON-serialisable metadata to keep in the manifest (e.g. accuracies); covered by the checksum.
         key: optional HMAC key (default: the ``LIGHTNING_DBQ_ARTIFACT_KEY`` environment variable): adds an
             HMAC-SHA256 of the checksum, for tamper-evidence rather than corruption detection.
+        bits: what to keep (:mod:`lightning_dbq.quant.slim`). ``None``: every candidate bit, ``h``-bit codes (a
+            model loaded from a slim artifact keeps its selection). An ``int`` or ``{layer: bits}`` naming every
+            quantized layer: that one configuration, each layer's codes stored at its own bits (manifest
+            ``config``). A list such as ``[4, 2]``: those bits, each layer's codes at the narrowest width that
+            reproduces every one of them, verified per layer (manifest ``available_bits``). Norms, scales and
+            biases of every bit are kept either way, so the loaded model has the same prepared architecture.
+        preprocessing: ``{mean, std, image_size, interpolation, channels}`` (e.g. a data module's
+            ``preprocessing``), checked by :func:`~lightning_dbq.quant.artifact_check.check_preprocessing`.
+        class_names: one label per class index (e.g. a data module's ``class_names``); as many as the model's
+            ``num_classes`` when that is known.
 
     Returns:
         The written path.
 
     Raises:
-        ArtifactError: non-finite tensors, uninitialised activation quantizers, or a model source that
-            :func:`load_int` would refuse. Nothing is written then.
+        ArtifactError: non-finite tensors, uninitialised activation quantizers, a model source that
+            :func:`load_int` would refuse, an invalid ``bits`` / ``preprocessing`` / ``class_names`` (the error
+            names the field and the allowed values). Nothing is written then.
     """
     spec = get_spec(model)
     path = Path(path)
+    source = _model_source(model, model_name, model_kwargs)
+    meta: dict[str, Any] = {}
+    if preprocessing is not None:
+        meta["preprocessing"] = check_preprocessing(path, preprocessing)
+    if class_names is not None:
+        meta["class_names"] = check_class_names(path, class_names, _num_classes(model, source))
+    config, subset = resolve_selection(path, model, bits)
+    if config is not None:
+        meta["config"] = config
+    if subset is not None:
+        meta["available_bits"] = list(subset)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     _refuse_bad_state(path, model, state)
     tensors: dict[str, torch.Tensor] = {}
@@ -186,20 +272,20 @@ def save_int(
             layers.append({"name": name, "shape": list(m.weight.shape), "numel": m.weight.numel(), "storage_bits": 32})
             continue
         codes = m.weight_quant.codes(m.weight.detach()).cpu()
-        tensors[_CODES_PREFIX + wkey] = pack_codes(codes, spec.high_bits).contiguous()
+        entry: dict[str, Any] = {"name": name, "shape": list(codes.shape), "numel": codes.numel()}
+        width = spec.high_bits
+        if config is not None or subset is not None:
+            kept = (config[name],) if config is not None else subset
+            assert kept is not None
+            width, codes = _slim_layer(path, name, m, codes, kept, spec.weight_mode)
+            entry["code_bits"] = width
+        tensors[_CODES_PREFIX + wkey] = pack_codes(codes, width).contiguous()
         coded.add(wkey)
-        layers.append(
-            {
-                "name": name,
-                "shape": list(codes.shape),
-                "numel": codes.numel(),
-                "storage_bits": pack_width(spec.high_bits),
-            }
-        )
+        entry["storage_bits"] = pack_width(width)
+        layers.append(entry)
     for k, v in state.items():
         if k not in coded:
             tensors[k] = v.contiguous().clone()
-    source = _model_source(model, model_name, model_kwargs)
     if source["name"] is not None:
         check_model_source(path, source)
     manifest: dict[str, Any] = {
@@ -210,6 +296,7 @@ def save_int(
         "model": source,
         "layers": layers,
         "extra": dict(extra or {}),
+        **meta,
     }
     try:
         manifest["checksum"] = _checksum(tensors, manifest)
@@ -242,10 +329,15 @@ def _file_mode() -> int:
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read the manifest of an artifact and check its shape (no tensors are loaded, nothing is verified yet).
 
+    Returns:
+        The manifest as written, plus ``None`` for each optional field it does not have (``preprocessing``,
+        ``class_names``, ``config``, ``available_bits``), so ``read_manifest(p)["class_names"]`` never raises.
+
     Raises:
         FileNotFoundError: no such file.
         ArtifactError: not a readable safetensors file (truncated/corrupt), not a lightning_dbq artifact, an
-            unsupported format version, or a manifest that is not a JSON object with the expected fields.
+            unsupported format version, a manifest that is not a JSON object with the expected fields, or an
+            invalid ``preprocessing`` / ``class_names`` / ``config`` / ``available_bits`` (naming the field).
     """
     path = Path(path)
     if path.is_dir():
@@ -273,10 +365,35 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"lightning_dbq reads {FORMAT_NAME!r} versions 1 and {FORMAT_VERSION}"
         )  # fmt: skip
     missing = sorted(_MANIFEST_KEYS - set(manifest))
-    unknown = sorted(set(manifest) - _MANIFEST_KEYS - {"hmac"})
+    optional = {"hmac", *_OPTIONAL_KEYS} if manifest["version"] != 1 else {"hmac"}  # v1: manifest not checksummed
+    unknown = sorted(set(manifest) - _MANIFEST_KEYS - optional)
     if missing or unknown:
         raise ArtifactError(path, "manifest", f"missing field(s) {missing}, unknown field(s) {unknown}")
+    _check_optional(path, manifest)
+    for k in _OPTIONAL_KEYS:
+        manifest.setdefault(k, None)
     return manifest
+
+
+def _check_optional(path: Path, manifest: Mapping[str, Any]) -> None:
+    """Types and limits of the optional fields that need nothing but the manifest (the checksum still covers the
+    values as written: nothing is normalised here). ``config`` / ``available_bits`` are checked against the spec and
+    the layers by :func:`~lightning_dbq.quant.slim.check_selection` in :func:`load_int`."""
+    if manifest.get("preprocessing") is not None:
+        check_preprocessing(path, manifest["preprocessing"])
+    if manifest.get("class_names") is not None:
+        source = manifest["model"] if isinstance(manifest["model"], Mapping) else {}
+        kwargs = source.get("kwargs")
+        n = kwargs.get("num_classes") if isinstance(kwargs, Mapping) else None
+        check_class_names(path, manifest["class_names"], n if isinstance(n, int) and not isinstance(n, bool) else None)
+    config = manifest.get("config")
+    if config is not None and not (
+        isinstance(config, Mapping) and all(isinstance(v, int) and not isinstance(v, bool) for v in config.values())
+    ):
+        raise ArtifactError(path, "config", f"must be an object {{layer: bits}} with integer bits, got {config!r:.80}")
+    bits = manifest.get("available_bits")
+    if bits is not None and not (isinstance(bits, list) and all(type(b) is int for b in bits)):
+        raise ArtifactError(path, "available_bits", f"must be a list of integer bits, got {bits!r:.80}")
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -323,13 +440,20 @@ def load_int(
         key: HMAC key (default: ``LIGHTNING_DBQ_ARTIFACT_KEY``); when set, the artifact must carry a matching HMAC.
 
     Returns:
-        The model in eval mode at the highest bit; its float weights equal ``q_h · s_h`` so every bit reproduces
-        the saved model exactly.
+        The model in eval mode. Its float weights are ``c · 2^(h-w) · s_h`` (``c``: the stored ``w``-bit codes;
+        ``w = h`` in a full artifact), so every kept bit reproduces the saved model exactly. A full artifact is
+        loaded at the highest bit, a one-configuration artifact at its configuration, a bit subset at its highest
+        kept bit. Plain attributes: ``dbq_preprocessing`` (dict) and ``dbq_class_names`` (list), ``None`` when
+        the artifact has none; ``dbq_available_bits`` (tuple, descending: every candidate bit, the kept subset, or
+        the distinct bits of the configuration) and ``dbq_config`` (the stored ``{layer: bits}``, or ``None``).
+        On a slim artifact each quantized layer also carries its kept bits as ``dbq_available_bits``, and
+        :func:`~lightning_dbq.set_bits` refuses any other bit with a ``ValueError`` naming them.
 
     Raises:
         FileNotFoundError: no such file.
         ArtifactError: (a ``ValueError``) corrupt/truncated/altered file, not an artifact, a model source that is not
-            a registered local model, invalid tensors, or tensors that do not fit the model.
+            a registered local model, invalid tensors, or tensors that do not fit the model, or invalid optional
+            fields (``preprocessing``, ``class_names``, ``config``, ``available_bits``, ``layers[i].code_bits``).
     """
     path = Path(path)
     manifest = read_manifest(path)
@@ -344,14 +468,16 @@ def load_int(
     if manifest["bits"] != list(spec.bits):
         raise ArtifactError(path, "manifest.bits", f"{manifest['bits']!r} disagrees with spec.bits {list(spec.bits)}")
     layers = check_layers(path, manifest["layers"], spec)
+    config, subset = check_selection(path, manifest, spec, layers)
     check_tensors(path, tensors, spec)
     coded = [layer for layer in layers if layer["storage_bits"] != 32]
-    codes = {}
+    codes: dict[str, tuple[torch.Tensor, int]] = {}
     for layer in coded:
         wkey = f"{layer['name']}.weight" if layer["name"] else "weight"
         if _CODES_PREFIX + wkey not in tensors:
             raise ArtifactError(path, _CODES_PREFIX + wkey, "missing: the manifest lists this layer")
-        codes[wkey] = decoded_codes(path, tensors[_CODES_PREFIX + wkey], _CODES_PREFIX + wkey, layer, spec.high_bits)
+        width = int(layer.get("code_bits", spec.high_bits))
+        codes[wkey] = (decoded_codes(path, tensors[_CODES_PREFIX + wkey], _CODES_PREFIX + wkey, layer, width), width)
     orphans = sorted(k for k in tensors if k.startswith(_CODES_PREFIX) and k[len(_CODES_PREFIX) :] not in codes)
     if orphans:
         raise ArtifactError(path, orphans[0], "codes for a layer the manifest does not list")
@@ -361,12 +487,15 @@ def load_int(
 
         model = timm.create_model(name, pretrained=False, **kwargs)
         setattr(model, SOURCE_ATTR, {"name": name, "kwargs": kwargs})
+    n_classes = getattr(model, "num_classes", None)
+    if manifest["class_names"] is not None and isinstance(n_classes, int) and not isinstance(n_classes, bool):
+        check_class_names(path, manifest["class_names"], n_classes)
     try:
         prepare(model, **spec.to_dict())
     except (TypeError, ValueError) as e:
         raise ArtifactError(path, "model", f"cannot be prepared with the artifact's spec: {e}") from e
     state: dict[str, torch.Tensor] = {k: v for k, v in tensors.items() if not k.startswith(_CODES_PREFIX)}
-    for wkey, c in codes.items():  # placeholders: the weights are decoded once the scales are loaded
+    for wkey, (c, _) in codes.items():  # placeholders: the weights are decoded once the scales are loaded
         target = model.state_dict().get(wkey)
         if target is None or tuple(target.shape) != tuple(c.shape):
             raise ArtifactError(path, wkey, f"codes of shape {tuple(c.shape)} do not fit the model's "
@@ -377,7 +506,37 @@ def load_int(
     except RuntimeError as e:
         raise ArtifactError(path, "tensors", f"do not match the model ({type(model).__name__}): {e}") from e
     with torch.no_grad():
-        for wkey, c in codes.items():
+        for wkey, (c, width) in codes.items():
             m: Any = model.get_submodule(wkey.rsplit(".", 1)[0] if "." in wkey else "")
-            m.weight.copy_(c.float() * m.weight_quant.effective_scale().float())
+            m.weight.copy_(decode_weight(c, width, spec.high_bits, m.weight_quant.effective_scale()))
+    _attach(model, manifest, spec, config, subset)
     return model.eval()
+
+
+def _attach(
+    model: nn.Module,
+    manifest: Mapping[str, Any],
+    spec: QuantSpec,
+    config: dict[str, int] | None,
+    subset: tuple[int, ...] | None,
+) -> None:
+    """Set the loaded model's ``dbq_*`` attributes, each slim layer's kept bits, and its stored bit state."""
+    setattr(model, PREPROCESSING_ATTR, manifest["preprocessing"])
+    setattr(model, CLASS_NAMES_ATTR, None if manifest["class_names"] is None else list(manifest["class_names"]))
+    setattr(model, CONFIG_ATTR, config)
+    for name, m in model.named_modules():
+        if isinstance(m, DBQLayer):
+            kept = (config[name],) if config is not None else subset
+            if kept is None or spec.weight_mode == "unshared":
+                m.__dict__.pop(AVAILABLE_BITS_ATTR, None)  # a model passed in again after a slim load
+            else:
+                setattr(m, AVAILABLE_BITS_ATTR, kept)
+    if config is not None:
+        setattr(model, AVAILABLE_BITS_ATTR, tuple(sorted(set(config.values()), reverse=True)))
+        set_bits(model, config)
+    elif subset is not None:
+        setattr(model, AVAILABLE_BITS_ATTR, subset)
+        set_bits(model, subset[0])
+    else:
+        setattr(model, AVAILABLE_BITS_ATTR, tuple(spec.bits))
+        set_bits(model, spec.high_bits)

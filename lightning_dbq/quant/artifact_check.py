@@ -20,11 +20,17 @@ from lightning_dbq.quant.packing import pack_width, unpack_codes
 from lightning_dbq.quant.spec import QuantSpec
 
 __all__ = [
+    "INTERPOLATIONS",
     "MAX_CLASSES",
+    "MAX_CLASS_NAME",
+    "MAX_IMAGE_SIZE",
     "MODEL_KWARGS",
+    "PREPROCESSING_KEYS",
     "ArtifactError",
+    "check_class_names",
     "check_layers",
     "check_model_source",
+    "check_preprocessing",
     "check_tensors",
     "decoded_codes",
 ]
@@ -51,6 +57,12 @@ MODEL_KWARGS: dict[str, tuple[Any, str]] = {
     "drop_path_rate": (_float_in(0.0, 1.0), "a number in [0, 1)"),
     "global_pool": (lambda v: v in _POOLS, f"one of {list(_POOLS)}"),
 }
+#: ``preprocessing.interpolation``: how inputs are resized to ``image_size`` ("none": never resized).
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "none")
+PREPROCESSING_KEYS = ("mean", "std", "image_size", "interpolation", "channels")
+MAX_IMAGE_SIZE = 8192
+MAX_CHANNELS = 64
+MAX_CLASS_NAME = 256  # characters per class name
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -98,19 +110,26 @@ def check_model_source(path: str | Path, source: Any) -> tuple[str, dict[str, An
 
 
 def check_layers(path: str | Path, layers: Any, spec: QuantSpec) -> list[dict[str, Any]]:
-    """The manifest's ``layers`` list: names, shapes, element counts and storage widths.
+    """The manifest's ``layers`` list: names, shapes, element counts, code and storage widths.
+
+    Each entry is ``{name, shape, numel, storage_bits}`` plus, in slim artifacts, ``code_bits`` (the width ``w`` of
+    the stored codes, ``1 <= w <= h``; absent means ``h``). ``storage_bits`` must be the packing width of the codes
+    (:func:`~lightning_dbq.quant.packing.pack_width`), or 32 for ``weight_mode="unshared"`` (no codes).
 
     Raises:
-        ArtifactError: a malformed entry or a storage width that does not match the spec.
+        ArtifactError: a malformed entry, a code width outside ``1..h`` or a storage width that does not match it.
     """
     if not isinstance(layers, list):
         raise ArtifactError(path, "layers", f"must be a list, got {type(layers).__name__}")
-    want_bits = 32 if spec.weight_mode == "unshared" else pack_width(spec.high_bits)
     seen: set[str] = set()
+    base = {"name", "shape", "numel", "storage_bits"}
     for i, layer in enumerate(layers):
         where = f"layers[{i}]"
-        if not isinstance(layer, Mapping) or set(layer) != {"name", "shape", "numel", "storage_bits"}:
-            raise ArtifactError(path, where, "must be an object with exactly name, shape, numel, storage_bits")
+        if not isinstance(layer, Mapping) or set(layer) not in (base, base | {"code_bits"}):
+            raise ArtifactError(
+                path, where, "must be an object with exactly name, shape, numel, storage_bits (and optionally "
+                "code_bits)"
+            )  # fmt: skip
         name, shape, numel = layer["name"], layer["shape"], layer["numel"]
         if not isinstance(name, str) or name in seen:
             raise ArtifactError(path, f"{where}.name", f"must be a unique string, got {name!r}")
@@ -119,40 +138,147 @@ def check_layers(path: str | Path, layers: Any, spec: QuantSpec) -> list[dict[st
             raise ArtifactError(path, f"{where}.shape", f"must be 1-5 positive integers, got {shape!r}")
         if not _int_in(1, 2**31)(numel) or numel != math.prod(shape):
             raise ArtifactError(path, f"{where}.numel", f"must equal the product of shape {shape}, got {numel!r}")
+        code_bits = layer.get("code_bits", spec.high_bits)
+        if spec.weight_mode == "unshared" and "code_bits" in layer:
+            raise ArtifactError(path, f"{where}.code_bits", "not allowed with weight_mode='unshared' (no codes)")
+        if not _int_in(1, spec.high_bits)(code_bits):
+            raise ArtifactError(
+                path, f"{where}.code_bits", f"must be an integer in [1, {spec.high_bits}] (the spec's highest bit), "
+                f"got {code_bits!r}"
+            )  # fmt: skip
+        want_bits = 32 if spec.weight_mode == "unshared" else pack_width(code_bits)
         if layer["storage_bits"] != want_bits:
             raise ArtifactError(
-                path, f"{where}.storage_bits", f"must be {want_bits} for bits {list(spec.bits)}, got "
-                f"{layer['storage_bits']!r}"
+                path, f"{where}.storage_bits", f"must be {want_bits} for {code_bits}-bit codes (bits "
+                f"{list(spec.bits)}), got {layer['storage_bits']!r}"
             )  # fmt: skip
     return list(layers)
 
 
 def decoded_codes(
-    path: str | Path, packed: torch.Tensor, key: str, layer: Mapping[str, Any], high_bits: int
+    path: str | Path, packed: torch.Tensor, key: str, layer: Mapping[str, Any], bits: int
 ) -> torch.Tensor:
-    """Unpack one layer's codes after checking dtype, length and the ``h``-bit range.
+    """Unpack one layer's ``bits``-bit codes after checking dtype, length and range.
+
+    Args:
+        path: the artifact (for error messages).
+        packed: the stored tensor (int8 for ``bits > 4``, packed uint8 otherwise).
+        key: its name in the file (for error messages).
+        layer: the layer's checked manifest entry (``shape``, ``numel``).
+        bits: the width of the stored codes (``h``, or the layer's ``code_bits`` in a slim artifact).
+
+    Returns:
+        The int8 codes shaped like the layer's weight.
 
     Raises:
         ArtifactError: wrong dtype (e.g. int32 or float codes), wrong length, or codes outside
-            ``[-2^(h-1), 2^(h-1) - 1]``.
+            ``[-2^(bits-1), 2^(bits-1) - 1]``.
     """
-    width = pack_width(high_bits)
+    width = pack_width(bits)
     dtype = torch.int8 if width == 8 else torch.uint8
     numel = int(layer["numel"])
     length = numel if width == 8 else math.ceil(numel * width / 8)
     if packed.dtype != dtype or packed.dim() != 1 or packed.numel() != length:
         raise ArtifactError(
-            path, key, f"codes must be a 1-D {dtype} tensor of {length} elements for {numel} {high_bits}-bit codes, "
+            path, key, f"codes must be a 1-D {dtype} tensor of {length} elements for {numel} {bits}-bit codes, "
             f"got {packed.dtype} {tuple(packed.shape)}"
         )  # fmt: skip
-    codes = unpack_codes(packed, high_bits, numel)
-    lo, hi = -(1 << (high_bits - 1)), (1 << (high_bits - 1)) - 1
+    codes = unpack_codes(packed, bits, numel)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
         raise ArtifactError(
-            path, key, f"codes must lie in [{lo}, {hi}] for {high_bits}-bit storage, found "
+            path, key, f"codes must lie in [{lo}, {hi}] for {bits}-bit storage, found "
             f"[{int(codes.min())}, {int(codes.max())}]"
         )  # fmt: skip
     return codes.reshape(layer["shape"])
+
+
+def _is_number(v: Any) -> bool:
+    """A finite JSON number (``bool`` excluded; integers too large for a float are not finite)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+def check_preprocessing(path: str | Path, value: Any, field: str = "preprocessing") -> dict[str, Any]:
+    """A ``preprocessing`` record: how a serving user must turn images into model inputs.
+
+    Args:
+        path: the artifact (or any label for the error messages).
+        value: ``{mean, std, image_size, interpolation, channels}``: ``mean`` / ``std`` lists of ``channels`` finite
+            numbers (``std > 0``), ``image_size`` an integer in ``[1, MAX_IMAGE_SIZE]``, ``interpolation`` one of
+            :data:`INTERPOLATIONS`, ``channels`` an integer in ``[1, 64]``.
+        field: the name used in error messages.
+
+    Returns:
+        A normalised copy (floats, ints, a plain dict with exactly those keys).
+
+    Raises:
+        ArtifactError: a missing or unknown key, or a value of the wrong type or outside its range (the message names
+            the key and the allowed values).
+    """
+    if not isinstance(value, Mapping):
+        raise ArtifactError(path, field, f"must be an object {{{', '.join(PREPROCESSING_KEYS)}}}, "
+                            f"got {type(value).__name__}")  # fmt: skip
+    missing = [k for k in PREPROCESSING_KEYS if k not in value]
+    unknown = sorted(str(k) for k in value if k not in PREPROCESSING_KEYS)
+    if missing or unknown:
+        raise ArtifactError(path, field, f"missing key(s) {missing}, unknown key(s) {unknown}; the keys are "
+                            f"{list(PREPROCESSING_KEYS)}")  # fmt: skip
+    channels = value["channels"]
+    if not _int_in(1, MAX_CHANNELS)(channels):
+        raise ArtifactError(path, f"{field}.channels", f"must be an integer in [1, {MAX_CHANNELS}], got {channels!r}")
+    out: dict[str, Any] = {}
+    for key in ("mean", "std"):
+        v = value[key]
+        if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)) or not all(_is_number(x) for x in v):
+            raise ArtifactError(path, f"{field}.{key}", f"must be a list of finite numbers, got {v!r}")
+        if len(v) != channels:
+            raise ArtifactError(path, f"{field}.{key}", f"must have one value per channel ({channels}), got {len(v)}")
+        if key == "std" and not all(x > 0 for x in v):
+            raise ArtifactError(path, f"{field}.std", f"must be positive, got {list(v)}")
+        out[key] = [float(x) for x in v]
+    size = value["image_size"]
+    if not _int_in(1, MAX_IMAGE_SIZE)(size):
+        raise ArtifactError(path, f"{field}.image_size", f"must be an integer in [1, {MAX_IMAGE_SIZE}], got {size!r}")
+    mode = value["interpolation"]
+    if not isinstance(mode, str) or mode not in INTERPOLATIONS:
+        raise ArtifactError(path, f"{field}.interpolation", f"must be one of {list(INTERPOLATIONS)}, got {mode!r}")
+    out.update(image_size=size, interpolation=mode, channels=channels)
+    return {k: out[k] for k in PREPROCESSING_KEYS}
+
+
+def check_class_names(
+    path: str | Path, value: Any, num_classes: int | None = None, field: str = "class_names"
+) -> list[str]:
+    """A ``class_names`` list: the label of each class index.
+
+    Args:
+        path: the artifact (or any label for the error messages).
+        value: a list of strings of at most :data:`MAX_CLASS_NAME` characters, 1 to :data:`MAX_CLASSES` entries.
+        num_classes: the model's number of classes when known; the list must have exactly that many entries.
+        field: the name used in error messages.
+
+    Returns:
+        A copy as a plain list.
+
+    Raises:
+        ArtifactError: not a list of strings, a name too long, or the wrong number of names.
+    """
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ArtifactError(path, field, f"must be a list of strings, got {type(value).__name__}")
+    if not 1 <= len(value) <= MAX_CLASSES:
+        raise ArtifactError(path, field, f"must have 1 to {MAX_CLASSES} entries, got {len(value)}")
+    for i, name in enumerate(value):
+        if not isinstance(name, str) or len(name) > MAX_CLASS_NAME:
+            raise ArtifactError(path, f"{field}[{i}]", f"must be a string of at most {MAX_CLASS_NAME} characters, "
+                                f"got {type(name).__name__} {str(name)[:40]!r}")  # fmt: skip
+    if num_classes is not None and len(value) != num_classes:
+        raise ArtifactError(path, field, f"has {len(value)} entries but the model has {num_classes} classes")
+    return list(value)
 
 
 def check_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], spec: QuantSpec) -> None:

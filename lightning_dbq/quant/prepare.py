@@ -236,7 +236,8 @@ def set_bits(model: nn.Module, bits: int | Mapping[str, int]) -> nn.Module:
     of the layer that owns it. Switching only sets integers (no weight is recomputed).
 
     Raises:
-        ValueError: unknown layer name, or bits outside the candidate set.
+        ValueError: unknown layer name, bits outside the candidate set, or bits a layer loaded from a slim artifact
+            does not keep (its ``dbq_available_bits``).
     """
     spec = get_spec(model)
     layers = _quant_layers(model)
@@ -256,6 +257,10 @@ def set_bits(model: nn.Module, bits: int | Mapping[str, int]) -> nn.Module:
             raise ValueError(
                 f"set_bits(): bits for {name!r} must be one of the candidate bits {list(spec.bits)}, got {b!r}"
             )
+        kept = getattr(layers[name], "dbq_available_bits", None)  # set by load_int on slim artifacts (quant/slim.py)
+        if kept is not None and b not in kept:
+            raise ValueError(f"set_bits(): {name!r} was loaded from a slim artifact that keeps only bits {list(kept)}, "
+                             f"got {b}; load a full artifact to switch to other bits")  # fmt: skip
     for name, b in config.items():
         m = layers[name]
         m.weight_quant.active_bits = b

@@ -163,3 +163,124 @@ def test_artifact_file_mode_follows_the_umask(tmp_path) -> None:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     finally:
         os.umask(old)
+
+
+# ---------------------------------------------------------------- preprocessing and class names in the manifest
+
+PRE = {"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26], "image_size": 32, "interpolation": "bilinear",
+       "channels": 3}  # fmt: skip
+NAMES = ["ant", "bee", "cat", "dog"]
+
+
+@pytest.fixture(scope="module")
+def r20() -> torch.nn.Module:
+    import lightning_dbq.models  # noqa: F401
+
+    torch.manual_seed(0)
+    model = dbq.create_model("cifar_resnet20", bits=[8, 4], num_classes=4)
+    model(torch.randn(2, 3, 16, 16))
+    return model.eval()
+
+
+def test_preprocessing_and_class_names_round_trip(r20: torch.nn.Module, tmp_path: Path) -> None:
+    path = dbq.save_int(r20, tmp_path / "m.dbq.safetensors", preprocessing=PRE, class_names=tuple(NAMES))
+    man = dbq.read_manifest(path)
+    assert man["preprocessing"] == PRE and man["class_names"] == NAMES
+    assert man["config"] is None and man["available_bits"] is None
+    loaded = dbq.load_int(path)
+    assert loaded.dbq_preprocessing == PRE and loaded.dbq_class_names == NAMES
+    assert loaded.dbq_available_bits == (8, 4) and loaded.dbq_config is None
+    # the checksum covers them: an edit without re-signing is caught
+    from tests.reliability.helpers import read
+
+    manifest, tensors = read(path)
+    manifest["class_names"][0] = "wasp"
+    save_file(tensors, str(tmp_path / "edited.safetensors"), metadata={"lightning_dbq": json.dumps(manifest)})
+    with pytest.raises(dbq.ArtifactError, match="checksum: mismatch"):
+        dbq.load_int(tmp_path / "edited.safetensors")
+
+
+def test_artifacts_without_them_still_load(r20: torch.nn.Module, tmp_path: Path) -> None:
+    from tests.reliability.helpers import read
+
+    path = dbq.save_int(r20, tmp_path / "m.dbq.safetensors")
+    manifest, tensors = read(path)
+    assert not {"preprocessing", "class_names", "config", "available_bits"} & set(manifest)  # absent, not null
+    loaded = dbq.load_int(path)
+    assert loaded.dbq_preprocessing is None and loaded.dbq_class_names is None
+    assert dbq.read_manifest(path)["class_names"] is None
+    # an explicit null is the same as absent (the checksum ignores it)
+    manifest["preprocessing"] = None
+    save_file(tensors, str(tmp_path / "null.safetensors"), metadata={"lightning_dbq": json.dumps(manifest)})
+    assert dbq.load_int(tmp_path / "null.safetensors").dbq_preprocessing is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"preprocessing": {**PRE, "std": [0.2, 0.0, 0.2]}}, "preprocessing.std"),
+        ({"preprocessing": {**PRE, "mean": [0.5, 0.5]}}, "preprocessing.mean"),
+        ({"preprocessing": {**PRE, "mean": [0.5, float("nan"), 0.5]}}, "preprocessing.mean"),
+        ({"preprocessing": {**PRE, "image_size": 8193}}, "preprocessing.image_size"),
+        ({"preprocessing": {**PRE, "image_size": 32.0}}, "preprocessing.image_size"),
+        ({"preprocessing": {**PRE, "interpolation": "area"}}, "preprocessing.interpolation"),
+        ({"preprocessing": {**PRE, "channels": 1}}, "preprocessing.mean"),
+        ({"preprocessing": {**PRE, "crop": 0.9}}, "unknown key(s) ['crop']"),
+        ({"preprocessing": [0.5]}, "preprocessing"),
+        ({"class_names": NAMES[:3]}, "class_names: has 3 entries but the model has 4 classes"),
+        ({"class_names": "ant bee cat dog"}, "class_names"),
+        ({"class_names": ["a", "b", "c", 4]}, "class_names[3]"),
+        ({"class_names": ["a", "b", "c", "x" * 257]}, "class_names[3]"),
+    ],
+)
+def test_invalid_metadata_is_refused_at_save(r20: torch.nn.Module, tmp_path: Path, kwargs, field: str) -> None:
+    with pytest.raises(dbq.ArtifactError) as info:
+        dbq.save_int(r20, tmp_path / "x.dbq.safetensors", **kwargs)
+    assert field in str(info.value)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda m: m.update(preprocessing={**PRE, "interpolation": "lanczos"}), "preprocessing.interpolation"),
+        (lambda m: m.update(preprocessing={**PRE, "std": [1, -1, 1]}), "preprocessing.std"),
+        (lambda m: m.update(preprocessing="resize"), "preprocessing"),
+        (lambda m: m.update(class_names=NAMES + ["extra"]), "class_names: has 5 entries"),
+        (lambda m: m.update(class_names={"0": "ant"}), "class_names"),
+        (lambda m: m.update(class_names=["ant", None, "cat", "dog"]), "class_names[1]"),
+        (lambda m: m.update(config={"conv": "4"}), "config"),
+        (lambda m: m.update(available_bits="4"), "available_bits"),
+    ],
+)
+def test_tampered_metadata_is_refused_at_load(r20: torch.nn.Module, tmp_path: Path, edit, field: str) -> None:
+    from tests.reliability.helpers import resign
+
+    good = dbq.save_int(r20, tmp_path / "m.dbq.safetensors", preprocessing=PRE, class_names=NAMES)
+    bad = resign(good, tmp_path / "bad.dbq.safetensors", edit_manifest=edit)
+    for reader in (dbq.read_manifest, dbq.load_int):
+        with pytest.raises(dbq.ArtifactError) as info:
+            reader(bad)
+        assert field in str(info.value), str(info.value)
+
+
+def test_class_names_checked_against_a_model_passed_in(r20: torch.nn.Module, tmp_path: Path) -> None:
+    from tests.helpers.tiny import TinyNet
+
+    model = dbq.prepare(TinyNet(num_classes=4), bits=[8, 2])
+    model(torch.randn(2, 3, 8, 8))
+    path = dbq.save_int(model.eval(), tmp_path / "t.dbq.safetensors", model_name="cifar_resnet20", class_names=NAMES)
+    assert dbq.load_int(path, model=TinyNet(num_classes=4)).dbq_class_names == NAMES
+    with pytest.raises(dbq.ArtifactError, match="class_names: has 4 entries but the model has 5"):
+        dbq.load_int(path, model=TinyNet(num_classes=5))
+
+
+def test_format_1_cannot_carry_the_new_fields(r20: torch.nn.Module, tmp_path: Path) -> None:
+    """Format 1 did not checksum its manifest, so fields that format 2 added are refused there."""
+    from tests.reliability.helpers import read
+
+    manifest, tensors = read(dbq.save_int(r20, tmp_path / "m.dbq.safetensors", class_names=NAMES))
+    manifest["version"] = 1
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata={"lightning_dbq": json.dumps(manifest)})
+    with pytest.raises(dbq.ArtifactError, match=r"unknown field\(s\) \['class_names'\]"):
+        dbq.read_manifest(tmp_path / "v1.safetensors")

@@ -10,20 +10,24 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_dbq.quant.artifact import save_int
+from lightning_dbq.quant.artifact_check import ArtifactError
 from lightning_dbq.search.figures import pyplot, save_figure
 from lightning_dbq.training.state import bit_label, get_state
 
-__all__ = ["DBQReport", "plot_per_bit_accuracy"]
+__all__ = ["DBQReport", "data_metadata", "plot_per_bit_accuracy"]
+
+log = logging.getLogger(__name__)
 
 
 def plot_per_bit_accuracy(history: list[dict[str, float]], final: dict[str, float], path: Path) -> Path:
@@ -54,7 +58,8 @@ class DBQReport(Callback):
 
     Args:
         output_dir: where ``results.json``, ``per_bit_accuracy.png`` and ``model.dbq.safetensors`` go.
-        save_artifact: write the int artifact (``save_int``).
+        save_artifact: write the int artifact (``save_int``), with the ``preprocessing`` and ``class_names`` of
+            ``trainer.datamodule`` when it has them (:func:`data_metadata`; none are guessed otherwise).
         plot: write the PNG (also logged to W&B when a ``WandbLogger`` is active).
     """
 
@@ -97,7 +102,7 @@ class DBQReport(Callback):
         if ckpt_path:
             results["checkpoint"] = os.path.relpath(ckpt_path, self.output_dir)
         if self.save_artifact:
-            path = save_int(state.model, self.output_dir / "model.dbq.safetensors", extra={"val": val})
+            path = _save_artifact(state.model, self.output_dir / "model.dbq.safetensors", val, trainer)
             results["artifact"] = os.path.relpath(path, self.output_dir)
         if self.plot and val:
             final = {k: v["acc"] for k, v in val.items()}
@@ -106,6 +111,43 @@ class DBQReport(Callback):
             _log_image(trainer, "per_bit_accuracy", png)
         (self.output_dir / "results.json").write_text(json.dumps(results, indent=2))
         _print_table(val, self.output_dir)
+
+
+def data_metadata(datamodule: Any) -> dict[str, Any]:
+    """``save_int``'s ``preprocessing`` / ``class_names`` from a data module that describes them.
+
+    A property that is missing, not implemented or not available yet (``RuntimeError``, e.g. before ``setup``) is
+    left out: nothing is guessed.
+
+    Returns:
+        A dict with the keys that could be read (possibly empty).
+    """
+    out: dict[str, Any] = {}
+    if datamodule is None:
+        return out
+    for name in ("preprocessing", "class_names"):
+        try:
+            value = getattr(datamodule, name)
+        except (AttributeError, NotImplementedError, RuntimeError) as e:
+            log.info("DBQReport: the artifact records no %s (%s)", name, e)
+            continue
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _save_artifact(model: Any, path: Path, val: dict[str, Any], trainer: pl.Trainer) -> Path:
+    """``save_int`` with the data module's preprocessing and class names; without them (and a warning) when they do
+    not fit the model (e.g. a class count that differs), so a finished training run always leaves its artifact."""
+    meta = data_metadata(getattr(trainer, "datamodule", None))
+    try:
+        return save_int(model, path, extra={"val": val}, **meta)
+    except ArtifactError as e:
+        if not meta or not e.field.startswith(("preprocessing", "class_names")):
+            raise
+        rank_zero_warn(f"DBQReport: the data module's {e.field} does not fit the model ({e.problem}); the artifact "
+                       "is written without preprocessing / class names")  # fmt: skip
+        return save_int(model, path, extra={"val": val})
 
 
 def _log_image(trainer: pl.Trainer, key: str, path: Path) -> None:
