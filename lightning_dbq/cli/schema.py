@@ -26,8 +26,15 @@ from lightning_dbq.options import (
     SCHEDULERS,
     WEIGHT_MODES,
 )
+from lightning_dbq.search.options import EXPORT_FORMATS, ONNX_MODES, RUNTIMES, SEARCH_COSTS, SEARCH_METHODS
 
-__all__ = ["check_config_types"]
+__all__ = [
+    "check_config_types",
+    "check_eval_config",
+    "check_export_config",
+    "check_search_config",
+    "parse_config_ref",
+]
 
 _MISSING = object()
 
@@ -154,6 +161,16 @@ def _check_paths(cfg: Any) -> None:
                           "archive): truncated, or another kind of file")  # fmt: skip
 
 
+def _check_rules(cfg: Any, rules: Mapping[str, tuple[Callable[[Any], bool], str]]) -> None:
+    for key, (ok, allowed) in rules.items():
+        value = get_key(cfg, key, _MISSING)
+        if value is _MISSING:
+            continue
+        if not ok(value):
+            kind = "" if allowed.startswith("[") else f" ({type(value).__name__})"
+            raise ConfigError(f"{key}: got {value!r}{kind}; allowed: {allowed}")
+
+
 def check_config_types(cfg: Any) -> None:
     """Check every known key's type and range (see :data:`RULES`) and ``quant.bits``; no heavy imports.
 
@@ -161,11 +178,143 @@ def check_config_types(cfg: Any) -> None:
         ConfigError: naming the key, the value, its type and the allowed values.
     """
     _check_bits(get_key(cfg, "quant.bits", []))
-    for key, (ok, allowed) in RULES.items():
-        value = get_key(cfg, key, _MISSING)
-        if value is _MISSING:
-            continue
-        if not ok(value):
-            kind = "" if allowed.startswith("[") else f" ({type(value).__name__})"
-            raise ConfigError(f"{key}: got {value!r}{kind}; allowed: {allowed}")
+    _check_rules(cfg, RULES)
     _check_paths(cfg)
+
+
+_PATH = ((lambda v: isinstance(v, str) and bool(v)), "a file path (a non-empty string)")
+_BITS = _int(MIN_BITS, MAX_BITS)
+
+# keys of dbq-search / dbq-export / dbq-eval (the shared ones, seed, cpu_threads, data.*, come from RULES)
+SEARCH_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "checkpoint": _PATH,
+    "traces": _optional(_PATH),
+    "budgets": _optional(
+        (
+            (lambda v: _is_list(v) and len(v) > 0 and all(_is_num(b) and MIN_BITS <= b <= MAX_BITS for b in v)),
+            f"a non-empty list of average-bit budgets in [{MIN_BITS}, {MAX_BITS}]",
+        )
+    ),
+    "method": _enum(SEARCH_METHODS),
+    "cost": _enum(SEARCH_COSTS),
+    "max_bops": _optional(_num(0.0, lo_open=True)),
+    "enumerate_alg2": _BOOL,
+    "hessian.num_images": _int(1),
+    "hessian.batch_size": _int(1),
+    "hessian.min_samples": _int(1),
+    "hessian.max_samples": _int(1),
+    "hessian.rel_tol": _num(0.0, lo_open=True),
+}
+EXPORT_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "checkpoint": _PATH,
+    "bits": _optional(_BITS),
+    "config": _optional(((lambda v: isinstance(v, str) and bool(v)), "PATH#ROW, e.g. pareto.json#3")),
+    "format": _enum(tuple(EXPORT_FORMATS)),
+    "onnx_mode": _enum(ONNX_MODES),
+    "output": _optional(_PATH),
+    "calibration_images": _int(1),
+}
+EVAL_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "checkpoint": _PATH,
+    "pareto": _optional(_PATH),
+    "bits": _optional(
+        (
+            (lambda v: _BITS[0](v) or (_is_list(v) and len(v) > 0 and all(_BITS[0](b) for b in v))),
+            f"null, or a non-empty list of bit-widths in [{MIN_BITS}, {MAX_BITS}], e.g. [8,4]",
+        )
+    ),
+    "runtime": _enum(tuple(RUNTIMES)),
+    "onnx_mode": _enum(ONNX_MODES),
+    "max_images": _optional(_int(1)),
+    "calibration_images": _int(1),
+    "latency.batch_size": _int(1, 1 << 16),
+    "latency.warmup": _int(0),
+    "latency.batches": _int(1),
+}
+
+
+def _is_list(v: Any) -> bool:
+    return isinstance(v, Sequence) and not isinstance(v, (str, bytes))
+
+
+def _check_file(cfg: Any, key: str, required: bool = False) -> None:
+    value = get_key(cfg, key)
+    if value is None and required:
+        raise ConfigError(f"{key}: missing; give {key}=PATH (an int artifact *.dbq.safetensors or a DBQModule .ckpt)")
+    if value is not None and not Path(str(value)).is_file():
+        raise ConfigError(f"{key}: {str(value)!r} does not exist (absolute: {Path(str(value)).resolve()})")
+
+
+def parse_config_ref(value: str, field: str = "config") -> tuple[Path, int]:
+    """``PATH#ROW`` (or ``PATH@ROW``, which needs no quoting on a Hydra command line) as ``(path, row)``.
+
+    Raises:
+        ConfigError: not ``PATH#ROW`` with a non-negative integer row, or no such file (naming ``field``).
+    """
+    sep = max(value.rfind("#"), value.rfind("@"))
+    path, row = (value[:sep], value[sep + 1 :]) if sep > 0 else (value, "")
+    if not row.isdigit():
+        raise ConfigError(
+            f"{field}: got {value!r}; expected PATH#ROW, a pareto.json written by dbq-search and a row index "
+            "(0 = the fewest bits), e.g. 'pareto.json#3' (quoted for Hydra) or pareto.json@3"
+        )
+    if not Path(path).is_file():
+        raise ConfigError(f"{field}: {path!r} does not exist (absolute: {Path(path).resolve()})")
+    return Path(path), int(row)
+
+
+def check_search_config(cfg: Any) -> None:
+    """Types and ranges of a ``dbq-search`` config (see :data:`SEARCH_RULES`); no heavy imports.
+
+    Raises:
+        ConfigError: naming the key, the value and the allowed values; a missing checkpoint or traces file.
+    """
+    _check_rules(cfg, RULES)
+    _check_rules(cfg, SEARCH_RULES)
+    if get_key(cfg, "method") == "dp" and get_key(cfg, "max_bops") is not None:
+        raise ConfigError("max_bops: needs method=ilp (the dp front has no BOPs cap)")
+    lo, hi = get_key(cfg, "hessian.min_samples", 1), get_key(cfg, "hessian.max_samples", 1)
+    if lo > hi:
+        raise ConfigError(f"hessian.min_samples: {lo} exceeds hessian.max_samples ({hi})")
+    _check_file(cfg, "checkpoint", required=True)
+    _check_file(cfg, "traces")
+
+
+def check_export_config(cfg: Any) -> None:
+    """Types and ranges of a ``dbq-export`` config (see :data:`EXPORT_RULES`); no heavy imports.
+
+    Exactly one of ``bits`` and ``config`` must be given; ``config`` must be ``PATH#ROW`` of an existing file.
+
+    Raises:
+        ConfigError: naming the key, the value and the allowed values.
+    """
+    _check_rules(cfg, RULES)
+    _check_rules(cfg, EXPORT_RULES)
+    bits, config = get_key(cfg, "bits"), get_key(cfg, "config")
+    if (bits is None) == (config is None):
+        got = "both" if bits is not None else "neither"
+        raise ConfigError(
+            f"bits, config: give exactly one of bits=B (a uniform bit-width) or config=PATH#ROW (a row of a "
+            f"pareto.json); got {got}"
+        )
+    if config is not None:
+        parse_config_ref(str(config))
+    _check_file(cfg, "checkpoint", required=True)
+
+
+def check_eval_config(cfg: Any) -> None:
+    """Types and ranges of a ``dbq-eval`` config (see :data:`EVAL_RULES`); no heavy imports.
+
+    Raises:
+        ConfigError: naming the key, the value and the allowed values; a missing checkpoint or pareto file;
+            ``data.test_root`` with a data module that has no separate test tree.
+    """
+    _check_rules(cfg, RULES)
+    _check_rules(cfg, EVAL_RULES)
+    _check_file(cfg, "checkpoint", required=True)
+    _check_file(cfg, "pareto")
+    target = str(get_key(cfg, "data._target_", ""))
+    if get_key(cfg, "data.test_root") is not None and not target.endswith("ImageFolderDataModule"):
+        raise ConfigError(f"data.test_root: only data=imagefolder reads a separate test tree (data is {target}); "
+                          "cifar10 tests on its official test batches (data.official_test=true), digits and "
+                          "synthetic on their validation split")  # fmt: skip
