@@ -79,23 +79,32 @@ def test_every_quantized_conv_is_an_integer_kernel(resnet: nn.Module, name: str,
 
     x = torch.rand(2, 3, 32, 32)
     counts = {}
-    for mode in ("exact", "integer"):
-        kw = {"calibration_data": _calibration()} if mode == "integer" else {}
-        path = export_onnx(resnet, cfg, tmp_path / f"{mode}.onnx", x, mode=mode, **kw)
+    for mode, kw in (
+        ("exact", {}),
+        ("integer", {"calibration_data": _calibration()}),
+        ("integer_fp_float", {"calibration_data": _calibration(), "fp_layers": "float"}),
+    ):
+        path = export_onnx(resnet, cfg, tmp_path / f"{mode}.onnx", x, mode=mode.removesuffix("_fp_float"), **kw)
         _session(path, tmp_path / f"{mode}_opt.onnx")
         counts[mode] = _op_counts(tmp_path / f"{mode}_opt.onnx")
-    exact, integer = counts["exact"], counts["integer"]
+    exact, integer, fp_float = counts["exact"], counts["integer"], counts["integer_fp_float"]
     exact_convs = {k: exact[k] for k in sorted(exact) if "Conv" in k}
     report(
         f"ORT optimized cifar_resnet20 {name}: exact: integer convs "
         f"{sum(exact[k] for k in INTEGER_CONV)}/{n_qconv} ({exact_convs}); "
-        f"integer: {sum(integer[k] for k in INTEGER_CONV)}/{n_qconv} "
-        f"({dict((k, integer[k]) for k in sorted(integer) if 'Conv' in k or 'QLinear' in k)})"
+        f"integer: {sum(integer[k] for k in INTEGER_CONV)}/{n_conv} "
+        f"({dict((k, integer[k]) for k in sorted(integer) if 'Conv' in k or 'QLinear' in k or 'QGemm' in k)}); "
+        f"integer fp_layers=float: {sum(fp_float[k] for k in INTEGER_CONV)}/{n_conv}"
     )
-    assert integer["QLinearConv"] == n_qconv  # every quantized conv: an integer kernel
-    assert sum(integer[k] for k in FLOAT_CONV) == n_conv - n_qconv  # only the FP32 stem stays float
-    assert integer["QLinearAdd"] == 9 and integer["QLinearGlobalAveragePool"] == 1  # residual adds and pooling too
-    assert integer["Add"] == 0
+    # fp_layers="float": every quantized conv is an integer kernel, only the FP32 stem stays float
+    assert fp_float["QLinearConv"] == n_qconv
+    assert sum(fp_float[k] for k in FLOAT_CONV) == n_conv - n_qconv
+    # default (fp_layers="int8"): the stem too, and the FP classifier becomes an integer Gemm
+    assert integer["QLinearConv"] == n_conv and sum(integer[k] for k in FLOAT_CONV) == 0
+    assert integer["QGemm"] == 1 and integer["Gemm"] == 0
+    for ops in (integer, fp_float):
+        assert ops["QLinearAdd"] == 9 and ops["QLinearGlobalAveragePool"] == 1  # residual adds and pooling too
+        assert ops["Add"] == 0
     assert sum(exact[k] for k in INTEGER_CONV) < n_qconv  # the exact graph does not get there
 
 
@@ -188,6 +197,8 @@ def test_integer_mode_needs_calibration_data(resnet: nn.Module, tmp_path: Path) 
         export_onnx(resnet, 8, tmp_path / "m.onnx", x, mode="integer", calibration_data=[])
     with pytest.raises(ValueError, match="only used by mode='integer'"):
         export_onnx(resnet, 8, tmp_path / "m.onnx", x, calibration_data=[x])
+    with pytest.raises(ValueError, match="fp_layers must be one of"):
+        export_onnx(resnet, 8, tmp_path / "m.onnx", x, mode="integer", calibration_data=[x], fp_layers="fp16")
     assert not (tmp_path / "m.onnx").exists()
 
 
