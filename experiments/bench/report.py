@@ -106,6 +106,32 @@ def _kernels_table(kernels: dict[str, Any]) -> list[str]:
     return rows
 
 
+_P7_COLUMNS = (
+    ("switchable_w4a4", "switchable w4a4"), ("frozen_w4a4", "frozen w4a4"),
+    ("frozen_compile_w4a4", "frozen + compile"), ("ort_fp32", "ORT FP32"),
+    ("onnx_exact_w8a8", "ours exact w8a8"), ("onnx_exact_w4a4", "ours exact w4a4"),
+    ("onnx_integer_w8a8", "ours integer w8a8"), ("onnx_integer_w4a4", "ours integer w4a4"),
+    ("ort_own_int8", "ORT's own int8"),
+)  # fmt: skip
+
+
+def _serve_table(details: dict[str, Any]) -> list[str]:
+    head = "| model | batch | " + " | ".join(t for _, t in _P7_COLUMNS) + " |"
+    rows = [
+        "",
+        "P7 breakdown (`experiments/bench/p7_serve.py`): latency / PyTorch FP32 eager, same batch, same run, 1 thread.",
+        "",
+        head,
+        "|" + "---|" * (len(_P7_COLUMNS) + 2),
+    ]
+    for model, per_batch in details.items():
+        for batch, d in per_batch.items():
+            r = d["over_fp32"]
+            cells = " | ".join(f"{fmt(r[k])}x" if k in r else "-" for k, _ in _P7_COLUMNS)
+            rows.append(f"| {model} | {batch.removeprefix('batch')} | {cells} |")
+    return rows
+
+
 def render_block(data: dict[str, Any]) -> str:
     """The markdown table of ``bench.json`` (between the markers)."""
     lines = [
@@ -132,6 +158,9 @@ def render_block(data: dict[str, Any]) -> str:
         lines += ["", f"P1 reference: the hand-written single-bit LSQ ({src}) step costs {refs} of the FP32 step."]
     if "P1_kernels" in data.get("explorations", {}):
         lines += _kernels_table(data["explorations"]["P1_kernels"])
+    p7 = data["results"].get("P7_frozen_resnet18", {}).get("details")
+    if p7 and not data["results"]["P7_frozen_resnet18"].get("quick"):
+        lines += _serve_table(p7)
     notes = [
         f"- {k}: {e['details'].get('why') or e['details']['note']}"
         for k, e in data["results"].items()
