@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_dbq.cli.validate import ConfigError, get_key
+from lightning_dbq.fqt.options import GRAD_METHOD_NAMES, MAX_GRAD_BITS, MIN_GRAD_BITS, PRUNING_METHODS
 from lightning_dbq.options import (
     ALGORITHMS,
     ALRS_MODES,
@@ -115,6 +116,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "quant.prepare.quantize_first": _BOOL,
     "quant.prepare.quantize_last": _BOOL,
     "quant.prepare.quantize_acts": _BOOL,
+    "quant.grad.bits": _int(MIN_GRAD_BITS, MAX_GRAD_BITS),
+    "quant.grad.method": _optional(_enum(GRAD_METHOD_NAMES)),
+    "quant.grad.keep": _num(0.0, 1.0, lo_open=True, hi_open=False),
+    "quant.grad.scq": _BOOL,
+    "quant.grad.seed": _int(0, 2**63 - 1),
     "data.batch_size": _int(1, 1 << 20),
     "data.image_size": _int(8, 4096),
     "data.num_workers": _int(0, 256),
@@ -136,7 +142,7 @@ def _check_bits(value: Any) -> None:
     for b in items:
         if not _is_int(b):
             raise ConfigError(f"quant.bits: got {b!r} ({type(b).__name__}) in {items!r}; allowed: {allowed}")
-        if not MIN_BITS <= b <= MAX_BITS:
+        if not (MIN_BITS <= b <= MAX_BITS or items == [1]):  # [1]: quant.prepare.weight_mode=binary
             raise ConfigError(f"quant.bits: got {b} in {items!r}, outside [{MIN_BITS}, {MAX_BITS}]; allowed: {allowed}")
     if len(set(items)) != len(items):
         raise ConfigError(f"quant.bits: {items!r} has duplicates; allowed: {allowed}")
@@ -161,6 +167,15 @@ def _check_paths(cfg: Any) -> None:
                           "archive): truncated, or another kind of file")  # fmt: skip
 
 
+def _check_grad(cfg: Any) -> None:
+    method, keep = get_key(cfg, "quant.grad.method", None), get_key(cfg, "quant.grad.keep", 1.0)
+    if _is_num(keep) and keep < 1 and method is not None and method not in PRUNING_METHODS:
+        raise ConfigError(
+            f"quant.grad.keep: got {keep} with quant.grad.method={method}; keep < 1 needs a pruning method "
+            f"{list(PRUNING_METHODS)} (the other methods keep every group: use keep=1.0)"
+        )
+
+
 def _check_rules(cfg: Any, rules: Mapping[str, tuple[Callable[[Any], bool], str]]) -> None:
     for key, (ok, allowed) in rules.items():
         value = get_key(cfg, key, _MISSING)
@@ -179,6 +194,7 @@ def check_config_types(cfg: Any) -> None:
     """
     _check_bits(get_key(cfg, "quant.bits", []))
     _check_rules(cfg, RULES)
+    _check_grad(cfg)
     _check_paths(cfg)
 
 

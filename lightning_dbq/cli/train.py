@@ -87,6 +87,19 @@ def _instantiate_dict(node: Any) -> list[Any]:
     return out
 
 
+def grad_quant_options(cfg: DictConfig) -> dict[str, Any] | None:
+    """``quant.grad`` as :class:`~lightning_dbq.fqt.GradQuantConfig` fields, or ``None`` when ``quant.grad.method``
+    is null (the default: exact gradients).
+
+    Setting a method switches gradient quantization on; the generators are seeded from the run's ``seed`` unless
+    ``quant.grad.seed`` is given.
+    """
+    grad = _plain(cfg.quant.get("grad")) or {}
+    if grad.get("method") is None:
+        return None
+    return {"seed": int(cfg.get("seed", 0)), **grad}
+
+
 def build_module(cfg: DictConfig, num_classes: int, in_chans: int) -> Any:
     """The DBQModule described by the ``model``, ``quant`` and ``optim`` groups."""
     from lightning_dbq.training.module import DBQModule
@@ -107,6 +120,7 @@ def build_module(cfg: DictConfig, num_classes: int, in_chans: int) -> Any:
         kd=quant.get("kd", False),
         kd_weight=quant.get("kd_weight", 1.0),
         nonfinite=quant.get("nonfinite", "stop"),
+        grad_quant=grad_quant_options(cfg),
         **optim,
     )
 
@@ -124,6 +138,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
     log.info("dbq-train: model %s, bits %s, data %s", cfg.model.name, list(cfg.quant.bits), cfg.data.get("_target_"))
+    if grad_quant_options(cfg) is not None:
+        log.info("dbq-train: fully quantized training, gradients %s", grad_quant_options(cfg))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     check_num_classes(datamodule.num_classes, cfg)

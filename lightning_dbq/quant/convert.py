@@ -90,8 +90,10 @@ class FrozenActQuant(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Fake-quantize ``x`` with the frozen scale and range."""
         s = self.scale.float()
-        q = torch.floor(torch.clamp(x.float() / s, self.lo, self.hi) + 0.5)
-        return (q * s).to(x.dtype)
+        q = x.float() / s  # a new tensor: the rest runs in place on it (same operations, same order, no temporaries)
+        if q.requires_grad:
+            return (torch.floor(torch.clamp(q, self.lo, self.hi) + 0.5) * s).to(x.dtype)
+        return q.clamp_(self.lo, self.hi).add_(0.5).floor_().mul_(s).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}, scale={float(self.scale):.6g}"

@@ -11,9 +11,10 @@ runs its own ``forward`` while ``self.weight`` reads the quantized weight. The c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -67,6 +68,8 @@ class DBQLayer:
     act_quant: ActQuantizer | None
     _dbq_base: type[nn.Module]
     _dbq_fast: bool
+    # set by lightning_dbq.fqt.enable_grad_quant: runs the op with a quantized backward (fast path only)
+    grad_quant: Callable[[Any, Tensor, Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         """Quantize the input (if enabled), then run the original forward with the quantized weight."""
@@ -74,6 +77,8 @@ class DBQLayer:
             x = self.act_quant(x)
         w = self.weight_quant(self.weight)
         if self._dbq_fast:
+            if self.grad_quant is not None and torch.is_grad_enabled():
+                return self.grad_quant(self, x, w)
             if isinstance(self, _FAST_CONV):
                 return self._conv_forward(x, w, self.bias)
             return F.linear(x, w, self.bias)

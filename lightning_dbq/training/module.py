@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from typing_extensions import override
 
+from lightning_dbq.fqt.config import GradQuantConfig
+from lightning_dbq.fqt.enable import enable_grad_quant
 from lightning_dbq.quant.factory import create_fp_model
 from lightning_dbq.quant.prepare import prepare
 from lightning_dbq.quant.spec import validate_bits
@@ -56,6 +58,9 @@ class DBQModule(pl.LightningModule):
             ``"skip"``s that bit's step.
         max_loss: a finite loss above this counts as diverged too (default 1e3: cross-entropy starts near
             ``ln(num_classes)``, so 1e3 only trips on a blown-up run; ``None``: NaN/inf only).
+        grad_quant: fully quantized training: a :class:`~lightning_dbq.fqt.GradQuantConfig` or a mapping of its
+            fields (``bits``, ``method``, ``keep``, ``scq``, ``seed``) applied to every quantized layer with
+            :func:`~lightning_dbq.fqt.enable_grad_quant` (``None``: exact gradients). Independent of the forward bits.
     """
 
     def __init__(
@@ -81,8 +86,12 @@ class DBQModule(pl.LightningModule):
         init_checkpoint: str | None = None,
         nonfinite: str = "stop",
         max_loss: float | None = 1e3,
+        grad_quant: GradQuantConfig | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(grad_quant, GradQuantConfig):
+            grad_quant = grad_quant.to_dict()  # plain values in hparams / checkpoints
+        gq_config = GradQuantConfig.from_mapping(grad_quant) if grad_quant is not None else None
         self.save_hyperparameters(ignore=["model"] if isinstance(model, nn.Module) else None)
         bits = validate_bits(bits, "bits")
         if optimizer not in OPTIMIZERS:
@@ -101,6 +110,8 @@ class DBQModule(pl.LightningModule):
         if init_state is not None and not quantized_init:
             _load_into(net, init_state, str(init_checkpoint))  # FP32 weights, before preparation
         self.model = prepare(net, bits, **dict(quant or {}))
+        if gq_config is not None:
+            enable_grad_quant(self.model, gq_config)
         if init_state is not None and quantized_init:  # a multi-precision checkpoint (e.g. before HASB)
             _load_into(self.model, _per_bit_to_transitional(init_state, self.model.state_dict()), str(init_checkpoint))
         self.dbq_state = BitLoopState(model=self.model, bits=bits, algorithm=algorithm, alrs=alrs,

@@ -29,6 +29,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_dbq.fqt.config import GradQuantConfig
+from lightning_dbq.fqt.enable import enable_grad_quant
 from lightning_dbq.quant.prepare import get_spec, prepare
 from lightning_dbq.quant.spec import validate_bits
 from lightning_dbq.training.loop import check_strategy, check_training_setup, run_bit_loop
@@ -64,6 +66,8 @@ class DoubleRoundingQAT(Callback):
         scale_weight_decay: weight decay of the scale groups (the method uses 0).
         nonfinite: a NaN/inf loss ``"stop"``s training with an error naming the bit, or ``"skip"``s that step.
         max_loss: a finite loss above this counts as diverged too (default ``None``: your loss's scale is yours).
+        grad_quant: fully quantized training: a :class:`~lightning_dbq.fqt.GradQuantConfig` or a mapping of its
+            fields, applied with :func:`~lightning_dbq.fqt.enable_grad_quant` after preparation (``None``: exact).
     """
 
     def __init__(
@@ -80,8 +84,12 @@ class DoubleRoundingQAT(Callback):
         scale_weight_decay: float = 0.0,
         nonfinite: str = "stop",
         max_loss: float | None = None,
+        grad_quant: GradQuantConfig | Mapping[str, Any] | None = None,
     ) -> None:
         self.bits = validate_bits(bits)
+        if grad_quant is not None and not isinstance(grad_quant, GradQuantConfig):
+            grad_quant = GradQuantConfig.from_mapping(grad_quant)
+        self.grad_quant: GradQuantConfig | None = grad_quant
         self.attr = attr
         self.quant = dict(quant or {})
         self.algorithm = algorithm
@@ -128,6 +136,8 @@ class DoubleRoundingQAT(Callback):
         prepare(target, self.bits, **self.quant)
         if get_spec(target).bits != self.bits:
             raise RuntimeError(f"model already prepared with bits {get_spec(target).bits}, callback has {self.bits}")
+        if self.grad_quant is not None:
+            enable_grad_quant(target, self.grad_quant)
         if not isinstance(getattr(pl_module, "dbq_state", None), BitLoopState):
             object.__setattr__(
                 pl_module,
@@ -273,6 +283,7 @@ class DoubleRoundingQAT(Callback):
         return {
             "bits": list(self.bits), "quant": dict(self.quant), "algorithm": self.algorithm, "alrs": self.alrs,
             "scale_lr_factor": self.scale_lr_factor, "scale_weight_decay": self.scale_weight_decay,
+            "grad_quant": self.grad_quant.to_dict() if self.grad_quant is not None else None,
         }  # fmt: skip
 
     @override
