@@ -20,7 +20,7 @@ __all__ = [
 
 MIN_BITS = 2
 MAX_BITS = 8
-WEIGHT_MODES = ("double_round", "floor", "unshared")
+WEIGHT_MODES = ("double_round", "floor", "unshared", "binary")
 KERNELS = ("fused", "eager", "compile")
 ALGORITHMS = ("A2", "A1")
 ALRS_MODES = ("paper", "eq6", "off")

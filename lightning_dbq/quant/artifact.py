@@ -47,16 +47,14 @@ from lightning_dbq.quant.artifact_check import (
     check_tensors,
     decoded_codes,
 )
-from lightning_dbq.quant.layers import DBQLayer
-from lightning_dbq.quant.packing import pack_codes, pack_width
+from lightning_dbq.quant.layers import QuantizedLayer, iter_quantizers
+from lightning_dbq.quant.packing import pack_codes
 from lightning_dbq.quant.prepare import get_spec, prepare, set_bits
 from lightning_dbq.quant.quantizers import ActQuantizer
 from lightning_dbq.quant.slim import (
     AVAILABLE_BITS_ATTR,
     CONFIG_ATTR,
     check_selection,
-    decode_weight,
-    fake_weight,
     narrowest_width,
     resolve_selection,
 )
@@ -185,18 +183,17 @@ def _num_classes(model: nn.Module, source: Mapping[str, Any]) -> int | None:
     return None
 
 
-def _slim_layer(
-    path: Path, name: str, m: Any, q_high: torch.Tensor, kept: Sequence[int], mode: str
-) -> tuple[int, torch.Tensor]:
+def _slim_layer(path: Path, q: QuantizedLayer, q_high: torch.Tensor, kept: Sequence[int]) -> tuple[int, torch.Tensor]:
     """The narrowest codes of one layer for the ``kept`` bits, verified on the float weights the loaded model will
     compute with (``fake(decode(codes)) == fake(weight)`` at every kept bit, bit for bit)."""
-    high = m.weight_quant.high_bits
-    width, codes = narrowest_width(q_high, high, kept, mode)
-    weight = m.weight.detach().cpu()
-    scale = m.weight_quant.effective_scale().detach().cpu()
-    rebuilt = decode_weight(codes, width, high, scale).to(weight.dtype)
+    wq, name = q.weight_quant, q.name
+    high, fake = wq.high_bits, type(wq).fake_weight
+    width, codes = narrowest_width(q_high, high, kept, wq.mode)
+    weight = q.layer.weight.detach().cpu()
+    scale = wq.effective_scale().detach().cpu()
+    rebuilt = wq.decode(codes, width).cpu().to(weight.dtype)  # on the scale's device, then back
     for b in kept:
-        if not torch.equal(fake_weight(weight, scale, high, b, mode), fake_weight(rebuilt, scale, high, b, mode)):
+        if not torch.equal(fake(weight, scale, high, b), fake(rebuilt, scale, high, b)):
             raise ArtifactError(path, f"layer {name!r}", f"its {width}-bit codes do not reproduce its {b}-bit weights "
                                 "exactly; nothing was written")  # fmt: skip
     return width, codes
@@ -264,24 +261,24 @@ def save_int(
     tensors: dict[str, torch.Tensor] = {}
     layers = []
     coded: set[str] = set()
-    for name, m in model.named_modules():
-        if not isinstance(m, DBQLayer):
-            continue
+    for q in iter_quantizers(model):
+        name, wq, weight = q.name, q.weight_quant, q.layer.weight
         wkey = f"{name}.weight" if name else "weight"
-        if spec.weight_mode == "unshared":  # baseline "Ours*": no shared codes, FP32 weights stay in `state`
-            layers.append({"name": name, "shape": list(m.weight.shape), "numel": m.weight.numel(), "storage_bits": 32})
+        if not wq.has_codes:  # e.g. baseline "Ours*": no shared codes, FP32 weights stay in `state`
+            layers.append({"name": name, "shape": list(weight.shape), "numel": weight.numel(),
+                           "storage_bits": wq.storage_bits(spec.high_bits)})  # fmt: skip
             continue
-        codes = m.weight_quant.codes(m.weight.detach()).cpu()
+        codes = wq.codes(weight.detach()).cpu()
         entry: dict[str, Any] = {"name": name, "shape": list(codes.shape), "numel": codes.numel()}
         width = spec.high_bits
         if config is not None or subset is not None:
             kept = (config[name],) if config is not None else subset
             assert kept is not None
-            width, codes = _slim_layer(path, name, m, codes, kept, spec.weight_mode)
+            width, codes = _slim_layer(path, q, codes, kept)
             entry["code_bits"] = width
         tensors[_CODES_PREFIX + wkey] = pack_codes(codes, width).contiguous()
         coded.add(wkey)
-        entry["storage_bits"] = pack_width(width)
+        entry["storage_bits"] = wq.storage_bits(width)
         layers.append(entry)
     for k, v in state.items():
         if k not in coded:
@@ -508,7 +505,7 @@ def load_int(
     with torch.no_grad():
         for wkey, (c, width) in codes.items():
             m: Any = model.get_submodule(wkey.rsplit(".", 1)[0] if "." in wkey else "")
-            m.weight.copy_(decode_weight(c, width, spec.high_bits, m.weight_quant.effective_scale()))
+            m.weight.copy_(m.weight_quant.decode(c, width))
     _attach(model, manifest, spec, config, subset)
     return model.eval()
 
@@ -524,13 +521,12 @@ def _attach(
     setattr(model, PREPROCESSING_ATTR, manifest["preprocessing"])
     setattr(model, CLASS_NAMES_ATTR, None if manifest["class_names"] is None else list(manifest["class_names"]))
     setattr(model, CONFIG_ATTR, config)
-    for name, m in model.named_modules():
-        if isinstance(m, DBQLayer):
-            kept = (config[name],) if config is not None else subset
-            if kept is None or spec.weight_mode == "unshared":
-                m.__dict__.pop(AVAILABLE_BITS_ATTR, None)  # a model passed in again after a slim load
-            else:
-                setattr(m, AVAILABLE_BITS_ATTR, kept)
+    for q in iter_quantizers(model):
+        kept = (config[q.name],) if config is not None else subset
+        if kept is None or not q.weight_quant.has_codes:
+            q.layer.__dict__.pop(AVAILABLE_BITS_ATTR, None)  # a model passed in again after a slim load
+        else:
+            setattr(q.layer, AVAILABLE_BITS_ATTR, kept)
     if config is not None:
         setattr(model, AVAILABLE_BITS_ATTR, tuple(sorted(set(config.values()), reverse=True)))
         set_bits(model, config)

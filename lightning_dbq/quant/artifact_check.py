@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from lightning_dbq.quant.packing import pack_width, unpack_codes
+from lightning_dbq.quant.packing import code_range, pack_width, unpack_codes
+from lightning_dbq.quant.registry import weight_quantizer_class
 from lightning_dbq.quant.spec import QuantSpec
 
 __all__ = [
@@ -113,14 +114,17 @@ def check_layers(path: str | Path, layers: Any, spec: QuantSpec) -> list[dict[st
     """The manifest's ``layers`` list: names, shapes, element counts, code and storage widths.
 
     Each entry is ``{name, shape, numel, storage_bits}`` plus, in slim artifacts, ``code_bits`` (the width ``w`` of
-    the stored codes, ``1 <= w <= h``; absent means ``h``). ``storage_bits`` must be the packing width of the codes
-    (:func:`~lightning_dbq.quant.packing.pack_width`), or 32 for ``weight_mode="unshared"`` (no codes).
+    the stored codes, ``m <= w <= h`` with ``m`` the mode's narrowest width: 2, or 1 for binary; absent means
+    ``h``). ``storage_bits`` must be the weight mode's storage width
+    (:meth:`~lightning_dbq.quant.quantizers.WeightQuantizer.storage_bits`: the packing width of the codes, or 32 for
+    a mode without codes such as ``weight_mode="unshared"``).
 
     Raises:
         ArtifactError: a malformed entry, a code width outside ``1..h`` or a storage width that does not match it.
     """
     if not isinstance(layers, list):
         raise ArtifactError(path, "layers", f"must be a list, got {type(layers).__name__}")
+    quantizer = weight_quantizer_class(spec.weight_mode)
     seen: set[str] = set()
     base = {"name", "shape", "numel", "storage_bits"}
     for i, layer in enumerate(layers):
@@ -139,14 +143,16 @@ def check_layers(path: str | Path, layers: Any, spec: QuantSpec) -> list[dict[st
         if not _int_in(1, 2**31)(numel) or numel != math.prod(shape):
             raise ArtifactError(path, f"{where}.numel", f"must equal the product of shape {shape}, got {numel!r}")
         code_bits = layer.get("code_bits", spec.high_bits)
-        if spec.weight_mode == "unshared" and "code_bits" in layer:
-            raise ArtifactError(path, f"{where}.code_bits", "not allowed with weight_mode='unshared' (no codes)")
-        if not _int_in(1, spec.high_bits)(code_bits):
+        if not quantizer.has_codes and "code_bits" in layer:
+            raise ArtifactError(path, f"{where}.code_bits", f"not allowed with weight_mode={spec.weight_mode!r} "
+                                "(no codes)")  # fmt: skip
+        low = min(quantizer.min_code_bits, spec.high_bits)
+        if not _int_in(low, spec.high_bits)(code_bits):
             raise ArtifactError(
-                path, f"{where}.code_bits", f"must be an integer in [1, {spec.high_bits}] (the spec's highest bit), "
-                f"got {code_bits!r}"
+                path, f"{where}.code_bits", f"must be an integer in [{low}, {spec.high_bits}] (the spec's highest "
+                f"bit), got {code_bits!r}"
             )  # fmt: skip
-        want_bits = 32 if spec.weight_mode == "unshared" else pack_width(code_bits)
+        want_bits = quantizer.storage_bits(code_bits)
         if layer["storage_bits"] != want_bits:
             raise ArtifactError(
                 path, f"{where}.storage_bits", f"must be {want_bits} for {code_bits}-bit codes (bits "
@@ -162,7 +168,7 @@ def decoded_codes(
 
     Args:
         path: the artifact (for error messages).
-        packed: the stored tensor (int8 for ``bits > 4``, packed uint8 otherwise).
+        packed: the stored tensor (int8 for ``bits > 4``, packed uint8 otherwise; 1-bit codes are signs ``±1``).
         key: its name in the file (for error messages).
         layer: the layer's checked manifest entry (``shape``, ``numel``).
         bits: the width of the stored codes (``h``, or the layer's ``code_bits`` in a slim artifact).
@@ -172,7 +178,7 @@ def decoded_codes(
 
     Raises:
         ArtifactError: wrong dtype (e.g. int32 or float codes), wrong length, or codes outside
-            ``[-2^(bits-1), 2^(bits-1) - 1]``.
+            ``[-2^(bits-1), 2^(bits-1) - 1]`` (:func:`~lightning_dbq.quant.packing.code_range`).
     """
     width = pack_width(bits)
     dtype = torch.int8 if width == 8 else torch.uint8
@@ -184,7 +190,7 @@ def decoded_codes(
             f"got {packed.dtype} {tuple(packed.shape)}"
         )  # fmt: skip
     codes = unpack_codes(packed, bits, numel)
-    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    lo, hi = code_range(bits)
     if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
         raise ArtifactError(
             path, key, f"codes must lie in [{lo}, {hi}] for {bits}-bit storage, found "
@@ -297,10 +303,11 @@ def check_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], spec: Q
                 raise ArtifactError(path, key, f"{int((~torch.isfinite(t)).sum())} non-finite value(s)")
         elif t.dtype not in (torch.int64, torch.int32, torch.bool, torch.uint8, torch.int8):
             raise ArtifactError(path, key, f"unexpected dtype {t.dtype}")
-        if key.endswith(("weight_quant.scale_ref", "weight_quant.scale")) or ".act_quant.scales." in key:
+        scale_keys = ("weight_quant.scale_ref", "weight_quant.scale", "weight_quant.alpha")
+        if key.endswith(scale_keys) or ".act_quant.scales." in key:
             if t.dtype not in _FLOATS or (t.numel() and not bool((t.abs() > 0).all())):
                 raise ArtifactError(path, key, "scales must be finite, non-zero floats")
-            if key.endswith("scale_ref") and not bool((t > 0).all()):
+            if key.endswith(("scale_ref", "alpha")) and not bool((t > 0).all()):
                 raise ArtifactError(path, key, "the reference scale must be positive")
         m = re.search(r"\.(?:act_quant\.scales|weight_quant\.scales|norms)\.(\d+)(?:_(\d+))?\.", key + ".")
         if m and not {m.group(1), m.group(2) or m.group(1)} <= bits:

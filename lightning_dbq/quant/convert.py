@@ -13,15 +13,17 @@ What :func:`freeze` produces, layer by layer:
   ``StdConv2d``, ...; ``_dbq_base``), with the fake-quantized weight ``weight_quant(weight)`` at its bits folded
   in as a plain (``requires_grad=False``) ``weight`` Parameter; no ``weight_quant`` submodule is left;
 * a layer whose input was quantized is wrapped: ``FrozenQuantLayer(act_quant=FrozenActQuant, layer=<original>)``
-  runs ``layer(act_quant(x))``. Placement choice: a two-child wrapper (explicit, one ``forward`` that
+  runs ``layer(act_quant(x))`` (signed binary activations freeze to :class:`FrozenSignAct` instead). Placement
+  choice: a two-child wrapper (explicit, one ``forward`` that
   ``torch.jit.trace``, ``torch.export`` and ``torch.compile`` see as plain calls) rather than a forward pre-hook
   (hidden state a reader of ``print(model)`` would miss) or a subclass of the layer (which would no longer be the
   original class). Its cost: the state-dict keys of a wrapped layer gain a level, ``conv1.weight`` becomes
   ``conv1.layer.weight`` and the activation scale is ``conv1.act_quant.scale``. Layers of models prepared with
   ``quantize_acts=False`` (or whose activation quantizer is disabled) keep their place and their keys;
 * each frozen quantized layer (weight quantizer enabled) also carries its weight scale as a non-persistent buffer
-  ``dbq_weight_scale`` (``s_h``: 0-dim, or ``(C, 1, ...)`` per channel; not in the state dict) and its bits as the
-  int attribute ``dbq_weight_bits``, so ``weight / dbq_weight_scale`` are its integer codes (what ONNX export needs);
+  ``dbq_weight_scale`` (``s_h``: 0-dim, or ``(C, 1, ...)`` per channel; a binary layer's ``alpha``; not in the state
+  dict) and its bits as the int attribute ``dbq_weight_bits``, so ``weight / dbq_weight_scale`` are its integer
+  codes (``±1`` for binary layers; what ONNX export needs);
 * each :class:`~lightning_dbq.quant.norm.PerBitNorm` / :class:`~lightning_dbq.quant.norm.TransitionalNorm` is
   replaced by its active copy (the plain ``BatchNorm2d`` / ``BatchNormAct2d`` of the configuration).
 
@@ -42,11 +44,10 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from lightning_dbq.quant.functional import qrange
-from lightning_dbq.quant.layers import DBQLayer
+from lightning_dbq.quant.frozen import FrozenActQuant, FrozenSignAct
+from lightning_dbq.quant.layers import DBQLayer, iter_quantizers
 from lightning_dbq.quant.norm import PerBitNorm, TransitionalNorm
 from lightning_dbq.quant.prepare import bit_config, get_spec, set_bits
-from lightning_dbq.quant.quantizers import SCALE_EPS
 
 __all__ = [
     "FROZEN_CONFIG_ATTR",
@@ -55,6 +56,7 @@ __all__ = [
     "WEIGHT_SCALE_ATTR",
     "FrozenActQuant",
     "FrozenQuantLayer",
+    "FrozenSignAct",
     "freeze",
 ]
 
@@ -65,49 +67,16 @@ WEIGHT_BITS_ATTR = "dbq_weight_bits"  # int attribute on each frozen quantized l
 _SPEC_ATTR = "_dbq_spec"  # lightning_dbq.quant.prepare's marker of a switchable model
 
 
-class FrozenActQuant(nn.Module):
-    """A fixed activation quantizer: ``y = clamp(floor(x/s + 1/2), lo, hi) · s`` in float32, cast back to x's dtype.
-
-    Bit-identical to the training quantizer's forward at the same scale (the fused kernel clamps to the float32
-    neighbours just inside ``[lo, hi]``, which round to the same integers).
-
-    Args:
-        scale: the positive step ``s`` (stored as a 0-dim float32 buffer ``scale``).
-        bits: code width ``b``.
-        signed: codes in ``[-2^(b-1), 2^(b-1)-1]`` if True, else ``[0, 2^b-1]``.
-    """
-
-    scale: Tensor
-
-    def __init__(self, scale: Tensor | float, bits: int, signed: bool) -> None:
-        super().__init__()
-        self.bits = int(bits)
-        self.signed = bool(signed)
-        lo, hi = qrange(self.bits, self.signed)
-        self.lo, self.hi = float(lo), float(hi)
-        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).detach().clone().reshape(()))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Fake-quantize ``x`` with the frozen scale and range."""
-        s = self.scale.float()
-        q = x.float() / s  # a new tensor: the rest runs in place on it (same operations, same order, no temporaries)
-        if q.requires_grad:
-            return (torch.floor(torch.clamp(q, self.lo, self.hi) + 0.5) * s).to(x.dtype)
-        return q.clamp_(self.lo, self.hi).add_(0.5).floor_().mul_(s).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}, signed={self.signed}, scale={float(self.scale):.6g}"
-
-
 class FrozenQuantLayer(nn.Module):
     """``layer(act_quant(x))``: a frozen layer whose input is quantized.
 
     Args:
-        act_quant: the frozen input quantizer.
+        act_quant: the frozen input quantizer (:class:`FrozenActQuant`, or :class:`FrozenSignAct` for signed
+            binary activations).
         layer: the layer, an instance of its original class with the quantized weight folded in.
     """
 
-    def __init__(self, act_quant: FrozenActQuant, layer: nn.Module) -> None:
+    def __init__(self, act_quant: nn.Module, layer: nn.Module) -> None:
         super().__init__()
         self.act_quant = act_quant
         self.layer = layer
@@ -125,17 +94,14 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def _freeze_layer(m: DBQLayer) -> nn.Module:
-    """Fold ``m``'s quantized weight, restore its original class; wrap it when its input is quantized."""
+    """Fold ``m``'s quantized weight (its eval-mode value), restore its original class; wrap it when its input is
+    quantized (the activation quantizer's own :meth:`~lightning_dbq.quant.quantizers.ActQuantizer.frozen`)."""
     assert isinstance(m, nn.Module)
-    w = m.weight_quant(m.weight).detach().clone()
     wq = m.weight_quant
+    w = wq(m.weight).detach().clone()
     w_scale = wq.effective_scale().detach().float().clone() if wq.enabled else None  # s_h (export needs it)
     aq = m.act_quant
-    frozen_aq = None
-    if aq is not None and aq.enabled:
-        b = aq.active_bits
-        scale = (aq.scales[str(b)].detach().abs() + SCALE_EPS).float()  # quantizers._positive, the kernel's .float()
-        frozen_aq = FrozenActQuant(scale, b, bool(aq.signed))
+    frozen_aq = aq.frozen() if aq is not None and aq.enabled else None
     base = m._dbq_base
     del m.weight_quant
     del m.act_quant
@@ -177,16 +143,16 @@ def freeze(model: nn.Module, bits: int | Mapping[str, int]) -> nn.Module:
             training-mode forward first).
     """
     spec = get_spec(model)
-    frozen = copy.deepcopy(model)
+    frozen = copy.deepcopy(model).eval()  # eval-mode weights: what set_bits(model, bits).eval() computes
     try:
         set_bits(frozen, bits)
     except ValueError as e:
         raise ValueError("freeze(): " + str(e).removeprefix("set_bits(): ")) from None
-    layers = {n: m for n, m in frozen.named_modules() if isinstance(m, DBQLayer)}
+    layers = {q.name: q.layer for q in iter_quantizers(frozen)}
     uninit = [
-        n
-        for n, m in layers.items()
-        if m.act_quant is not None and m.act_quant.enabled and not bool(m.act_quant.initialized)
+        q.name
+        for q in iter_quantizers(frozen)
+        if q.act_quant is not None and q.act_quant.enabled and not bool(q.act_quant.initialized)
     ]
     if uninit:
         raise ValueError(

@@ -1,4 +1,5 @@
-"""Pure quantization math: round-half-up with STE, Double Rounding and LSQ fake-quant.
+"""Pure quantization math: round-half-up with STE, Double Rounding and LSQ fake-quant, code expansion, and the
+binary (1-bit) weight and activation fake-quant.
 
 Every function here is a pure function of its tensor arguments (no module state). All arithmetic runs in
 float32, also under ``torch.autocast`` (element-wise ops are not down-cast by autocast, and inputs are cast up
@@ -24,15 +25,23 @@ from torch import Tensor
 __all__ = [
     "MAX_BITS",
     "MIN_BITS",
+    "binary_act_fake",
+    "binary_alpha",
+    "binary_center",
+    "binary_weight_fake",
+    "decode_weight",
     "double_round_codes",
     "double_round_fake",
+    "expand_codes",
     "floor_nest_fake",
     "grad_scale",
     "lsq_fake",
     "lsq_grad_scale",
     "qrange",
+    "rhu_interval",
     "round_half_up",
     "shift_codes",
+    "sign_codes",
     "ste_round_half_up",
 ]
 
@@ -181,4 +190,104 @@ def lsq_fake(x: Tensor, scale: Tensor, bits: int, signed: bool, g: float = 1.0) 
     lo, hi = qrange(bits, signed)
     s = grad_scale(scale.float(), g)
     q = ste_round_half_up(torch.clamp(x.float() / s, lo, hi))
+    return (q * s).to(x.dtype)
+
+
+def expand_codes(codes: Tensor, code_bits: int, high_bits: int) -> Tensor:
+    """Width-``w`` codes on the ``h``-bit grid: ``c · 2^(h-w)`` (int32), what a full artifact would have stored."""
+    return codes.to(torch.int32) * (1 << (high_bits - code_bits))
+
+
+def decode_weight(codes: Tensor, code_bits: int, high_bits: int, scale: Tensor) -> Tensor:
+    """The float32 weight ``c · 2^(h-w) · s`` that ``load_int`` puts into a layer (``scale``: the stored scale)."""
+    return expand_codes(codes, code_bits, high_bits).float() * scale.float()
+
+
+def rhu_interval(target: Tensor, shift: int, bits: int, width: int) -> tuple[Tensor, Tensor]:
+    """Per element, the inclusive range of ``width``-bit codes ``c`` with ``clamp(rhu(c / 2^shift)) == target``
+    (``target``: signed ``bits``-bit codes; a target at the edge of its range takes every code beyond it)."""
+    lo_w, hi_w = qrange(width, signed=True)
+    lo_l, hi_l = qrange(bits, signed=True)
+    t = target.to(torch.int64)
+    if shift == 0:
+        lower, upper = t, t.clone()
+    else:
+        half = 1 << (shift - 1)
+        lower, upper = t * (1 << shift) - half, t * (1 << shift) + half - 1
+    lower = torch.where(t == lo_l, torch.full_like(t, lo_w), lower)
+    upper = torch.where(t == hi_l, torch.full_like(t, hi_w), upper)
+    return lower, upper
+
+
+# ------------------------------------------------------------------------------------------------ binary (1-bit)
+
+BINARY_ALPHA_MIN = 1e-8  # floor of the binary weight scale (a channel whose weights are all equal has alpha 0)
+
+
+def binary_center(w: Tensor) -> Tensor:
+    """Per output channel (dim 0) centre ``mu`` of a weight: the channel mean clamped to the channel's
+    ``[min, max]``, float32, shaped ``(C, 1, ...)``, without gradient.
+
+    The real mean always lies in ``[min, max]``; the clamp makes the float mean of equal values equal them, so
+    :func:`sign_codes` of a decoded ``±alpha`` weight gives back the codes it was decoded from.
+    """
+    with torch.no_grad():
+        flat = w.float().reshape(w.shape[0], -1)
+        center = torch.clamp(flat.mean(dim=1), flat.amin(dim=1), flat.amax(dim=1))
+    return center.reshape((w.shape[0],) + (1,) * (w.dim() - 1))
+
+
+def binary_alpha(w: Tensor, center: Tensor) -> Tensor:
+    """Per output channel scale ``alpha = mean|W - mu|`` (XNOR-Net's ``||W - mu||_1 / n``), float32, shaped
+    ``(C, 1, ...)``, floored at :data:`BINARY_ALPHA_MIN`; keeps ``w``'s autograd graph."""
+    flat = (w.float() - center.float()).reshape(w.shape[0], -1)
+    alpha = flat.abs().mean(dim=1).clamp_min(BINARY_ALPHA_MIN)
+    return alpha.reshape((w.shape[0],) + (1,) * (w.dim() - 1))
+
+
+def sign_codes(w: Tensor, center: Tensor) -> Tensor:
+    """Binary codes ``+1`` where ``W - mu >= 0``, ``-1`` elsewhere (int32; ``sign(0)`` is ``+1``)."""
+    with torch.no_grad():
+        return torch.where(w.float() - center.float() >= 0, 1, -1).to(torch.int32)
+
+
+def binary_weight_fake(w: Tensor, alpha: Tensor, center: Tensor, clip: float = 1.0) -> Tensor:
+    """Binary weight ``Ŵ = alpha · sign(W - mu)`` (``sign(0) = +1``) with a clipped straight-through gradient.
+
+    The straight-through window is on the *normalised* weight ``u = (W - mu) / alpha`` (hardtanh of ``u``):
+    ``∂Ŵ/∂W = 1`` where ``|u| <= clip``, ``0`` outside (for ``alpha`` given without gradient). A window on the raw
+    ``|W - mu| <= 1`` would never clip weights of typical magnitude (~1e-2), so it is taken in units of ``alpha``,
+    which makes it independent of the weight's scale. When ``alpha`` carries a gradient (training), it receives
+    ``sign(u) - u`` inside the window and ``sign(u)`` outside (the 1-bit analogue of LSQ's scale gradient).
+
+    Args:
+        w: weights, any shape with the output channel first.
+        alpha: positive scale broadcastable to ``w`` (per channel ``(C, 1, ...)``).
+        center: the centre ``mu`` broadcastable to ``w`` (no gradient).
+        clip: half-width of the straight-through window in units of ``alpha``.
+    """
+    a = alpha.float()
+    d = w.float() - center.float()
+    u = torch.clamp(d / a, -clip, clip)
+    sign = torch.where(d >= 0, 1.0, -1.0)
+    q = sign + (u - u.detach())  # forward: exactly ±1; backward: the hardtanh window of u
+    return (q * a).to(w.dtype)
+
+
+def binary_act_fake(x: Tensor, scale: Tensor, signed: bool, g: float = 1.0) -> Tensor:
+    """1-bit activation fake-quant with a learned scale ``s`` and gradient scale ``g`` on ``s``.
+
+    * unsigned (inputs after a ReLU): ``s · rhu(clamp(x / s, 0, 1))`` in ``{0, s}`` — exactly LSQ at one bit;
+    * signed: ``s · sign(x / s)`` in ``{-s, +s}`` (``sign(0) = +1``; ReActNet-style).
+
+    Straight-through gradients, with ``v = x / s``: ``∂/∂x = 1`` inside the clipping window (``0 <= v <= 1``
+    unsigned, ``|v| <= 1`` signed), ``0`` outside; ``∂/∂s = g · (q - v)`` inside and ``g · q`` outside (``q``: the
+    code).
+    """
+    s = grad_scale(scale.float(), g)
+    v = x.float() / s
+    lo = -1.0 if signed else 0.0
+    c = torch.clamp(v, lo, 1.0)
+    code = torch.where(v >= 0, 1.0, -1.0) if signed else round_half_up(c)
+    q = code.detach() + (c - c.detach())  # forward: exactly the code; backward: the clipping window of v
     return (q * s).to(x.dtype)

@@ -8,7 +8,8 @@
   until its recompile limit.
 
 All three give the same forward values bit for bit; gradients agree up to float32 summation order. The floor
-nesting baseline (``weight_mode="floor"``) always runs eagerly.
+nesting baseline (``weight_mode="floor"``) and binary weights and activations (``weight_mode="binary"``) always run
+eagerly.
 """
 
 from __future__ import annotations

@@ -11,16 +11,17 @@ runs its own ``forward`` while ``self.weight`` reads the quantized weight. The c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_dbq.quant.quantizers import ActQuantizer, WeightQuantizer
+from lightning_dbq.quant.registry import weight_quantizer_class
 
-__all__ = ["DBQLayer", "is_quant_layer", "make_quant_layer", "quantizable_base"]
+__all__ = ["DBQLayer", "QuantizedLayer", "is_quant_layer", "iter_quantizers", "make_quant_layer", "quantizable_base"]
 
 _FAST_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CLASS_CACHE: dict[type, type] = {}
@@ -115,6 +116,30 @@ def is_quant_layer(module: nn.Module) -> bool:
     return isinstance(module, DBQLayer)
 
 
+class QuantizedLayer(NamedTuple):
+    """One quantized layer of a prepared model, as :func:`iter_quantizers` yields it."""
+
+    name: str
+    layer: Any  # a DBQLayer (and an nn.Module)
+    weight_quant: WeightQuantizer
+    act_quant: ActQuantizer | None
+
+
+def iter_quantizers(model: nn.Module) -> Iterator[QuantizedLayer]:
+    """Every quantized layer of ``model`` in registration order: ``(name, layer, weight_quant, act_quant)``.
+
+    The one walk over quantizers (prepare, set_bits, ALRS param groups, artifacts, freeze, search use it); works on
+    any module, prepared or not (an unprepared model yields nothing).
+
+    Example:
+        >>> for q in iter_quantizers(model):  # doctest: +SKIP
+        ...     print(q.name, q.weight_quant.mode, q.weight_quant.active_bits)
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, DBQLayer):
+            yield QuantizedLayer(name, m, m.weight_quant, m.act_quant)
+
+
 def make_quant_layer(
     module: nn.Module,
     bits: Sequence[int],
@@ -130,19 +155,22 @@ def make_quant_layer(
         bits: candidate bits (already validated).
         per_channel: per-output-channel weight scales.
         quantize_input: add a per-bit activation quantizer on the layer's input.
-        weight_mode: ``"double_round"`` | ``"floor"`` | ``"unshared"`` (see :class:`WeightQuantizer`).
+        weight_mode: a registered mode (:mod:`lightning_dbq.quant.registry`): its weight quantizer class and the
+            activation quantizer class that goes with it.
         kernel: fake-quant back-end ``"fused"`` | ``"eager"`` | ``"compile"`` (:mod:`lightning_dbq.quant.kernels`).
 
     Raises:
         TypeError: when the module type is not supported.
+        ValueError: an unknown ``weight_mode``, or ``bits`` the mode does not accept.
     """
     kind = quantizable_base(module)
     if kind is None:
         raise TypeError(f"cannot quantize module of type {type(module).__name__}; supported: {_allowed_types()}")
     base = type(module)
     weight: Tensor = module.weight  # type: ignore[assignment]
-    module.weight_quant = WeightQuantizer(weight, bits, per_channel=per_channel, mode=weight_mode, kernel=kernel)
-    module.add_module("act_quant", ActQuantizer(bits, kernel=kernel) if quantize_input else None)
+    cls = weight_quantizer_class(weight_mode)
+    module.weight_quant = cls(weight, bits, per_channel=per_channel, kernel=kernel)
+    module.add_module("act_quant", cls.act_quantizer(bits, kernel=kernel) if quantize_input else None)
     module.__class__ = _quant_class(base)
     object.__setattr__(module, "_dbq_base", base)
     object.__setattr__(module, "_dbq_fast", kind == "fast")

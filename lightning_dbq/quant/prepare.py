@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_dbq.quant.kernels import check_kernel
-from lightning_dbq.quant.layers import DBQLayer, is_quant_layer, make_quant_layer, quantizable_base
+from lightning_dbq.quant.layers import QuantizedLayer, iter_quantizers, make_quant_layer, quantizable_base
 from lightning_dbq.quant.norm import PerBitNorm, TransitionalNorm
 from lightning_dbq.quant.spec import QuantSpec, validate_bits
 
@@ -126,7 +126,8 @@ def prepare(
 
     Args:
         model: a timm model or any ``nn.Module``.
-        bits: candidate bits in ``[2, 8]``, distinct; ``max(bits)`` is the stored precision.
+        bits: candidate bits in ``[2, 8]``, distinct; ``max(bits)`` is the stored precision (``[1]`` for
+            ``weight_mode="binary"``, which has that one precision only).
         per_channel: per-output-channel weight scales (default per tensor).
         quantize_first: quantize the first layer too.
         quantize_last: quantize the classifier too.
@@ -135,15 +136,18 @@ def prepare(
         skip: fnmatch patterns (e.g. ``"*.downsample.*"``) of layer names to keep floating point.
         transitional_norm: mixed precision: each norm has a copy per (previous quantized layer's bits, owner's
             bits) instead of per bit (:class:`~lightning_dbq.quant.norm.TransitionalNorm`).
-        weight_mode: ``"double_round"`` (the method) or the baselines ``"floor"`` / ``"unshared"``.
+        weight_mode: ``"double_round"`` (the method), the baselines ``"floor"`` / ``"unshared"``, ``"binary"``
+            (XNOR-style 1-bit weights and binary activations, ``bits=[1]``), or any mode registered with
+            :func:`~lightning_dbq.quant.registry.register_weight_quantizer`.
         kernel: fake-quant back-end (a run-time choice, not part of the spec; see :func:`set_kernel`).
 
     Returns:
         The same model object.
 
     Raises:
-        ValueError: invalid bits, or the model was already prepared with a different spec, or nothing is left
-            to quantize.
+        ValueError: invalid bits (or bits the weight mode does not accept: ``"binary"`` needs exactly ``[1]``, the
+            others bits in ``[2, 8]``), an unknown weight mode, the model was already prepared with a different spec,
+            or nothing is left to quantize.
     """
     if isinstance(skip, (str, bytes)):
         raise TypeError(f"prepare(skip=...) must be a list of layer-name patterns, got the string {skip!r}; "
@@ -215,18 +219,17 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _quant_layers(model: nn.Module) -> dict[str, Any]:
-    return {n: m for n, m in model.named_modules() if is_quant_layer(m)}
+def _quant_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
+    return {q.name: q for q in iter_quantizers(model)}
 
 
 def quantized_layers(model: nn.Module) -> list[LayerInfo]:
     """The quantized layers in registration order (name, weight parameter count, candidate bits, class)."""
     get_spec(model)
-    out = []
-    for name, m in _quant_layers(model).items():
-        assert isinstance(m, DBQLayer)
-        out.append(LayerInfo(name, m.weight.numel(), m.weight_quant.bits, m._dbq_base.__name__))
-    return out
+    return [
+        LayerInfo(q.name, q.layer.weight.numel(), q.weight_quant.bits, q.layer._dbq_base.__name__)
+        for q in iter_quantizers(model)
+    ]
 
 
 def set_bits(model: nn.Module, bits: int | Mapping[str, int]) -> nn.Module:
@@ -257,15 +260,17 @@ def set_bits(model: nn.Module, bits: int | Mapping[str, int]) -> nn.Module:
             raise ValueError(
                 f"set_bits(): bits for {name!r} must be one of the candidate bits {list(spec.bits)}, got {b!r}"
             )
-        kept = getattr(layers[name], "dbq_available_bits", None)  # set by load_int on slim artifacts (quant/slim.py)
+        kept = getattr(
+            layers[name].layer, "dbq_available_bits", None
+        )  # set by load_int on slim artifacts (quant/slim.py)
         if kept is not None and b not in kept:
             raise ValueError(f"set_bits(): {name!r} was loaded from a slim artifact that keeps only bits {list(kept)}, "
                              f"got {b}; load a full artifact to switch to other bits")  # fmt: skip
     for name, b in config.items():
-        m = layers[name]
-        m.weight_quant.active_bits = b
-        if m.act_quant is not None:
-            m.act_quant.active_bits = b
+        q = layers[name]
+        q.weight_quant.active_bits = b
+        if q.act_quant is not None:
+            q.act_quant.active_bits = b
     for norm in model.modules():
         if isinstance(norm, PerBitNorm):
             norm.active_bits = layers[norm.owner].weight_quant.active_bits
@@ -286,34 +291,32 @@ def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
     """
     check_kernel(kernel)
     get_spec(model)
-    for m in _quant_layers(model).values():
-        m.weight_quant.kernel = kernel
-        if m.act_quant is not None:
-            m.act_quant.kernel = kernel
+    for q in iter_quantizers(model):
+        q.weight_quant.kernel = kernel
+        if q.act_quant is not None:
+            q.act_quant.kernel = kernel
     return model
 
 
 def bit_config(model: nn.Module) -> dict[str, int]:
     """The active bits of every quantized layer, ``{layer_name: bits}``."""
     get_spec(model)
-    return {n: m.weight_quant.active_bits for n, m in _quant_layers(model).items()}
+    return {q.name: q.weight_quant.active_bits for q in iter_quantizers(model)}
 
 
 @contextlib.contextmanager
 def quant_enabled(model: nn.Module, enabled: bool) -> Iterator[nn.Module]:
     """Temporarily enable or disable every weight and activation quantizer (e.g. FP Hessian traces)."""
-    layers = _quant_layers(model)
-    saved = [
-        (m.weight_quant.enabled, m.act_quant.enabled if m.act_quant is not None else None) for m in layers.values()
-    ]
+    layers = list(iter_quantizers(model))
+    saved = [(q.weight_quant.enabled, q.act_quant.enabled if q.act_quant is not None else None) for q in layers]
     try:
-        for m in layers.values():
-            m.weight_quant.enabled = enabled
-            if m.act_quant is not None:
-                m.act_quant.enabled = enabled
+        for q in layers:
+            q.weight_quant.enabled = enabled
+            if q.act_quant is not None:
+                q.act_quant.enabled = enabled
         yield model
     finally:
-        for m, (w_on, a_on) in zip(layers.values(), saved, strict=True):
-            m.weight_quant.enabled = w_on
-            if m.act_quant is not None and a_on is not None:
-                m.act_quant.enabled = a_on
+        for q, (w_on, a_on) in zip(layers, saved, strict=True):
+            q.weight_quant.enabled = w_on
+            if q.act_quant is not None and a_on is not None:
+                q.act_quant.enabled = a_on

@@ -1,10 +1,13 @@
-"""Weight and activation quantizer modules (thin shells around :mod:`lightning_dbq.quant.functional`).
+"""Weight quantizer modules (thin shells around :mod:`lightning_dbq.quant.functional`).
 
-* :class:`WeightQuantizer` — Double Rounding: ONE learned scale ``s_h`` per layer (per-tensor by default,
-  per-output-channel as an option) shared by every candidate bit; only the ``h``-bit codes are ever stored.
-* :class:`ActQuantizer` — LSQ with one learned scale per candidate bit (activations are not stored, so nothing
-  forces them to share a scale); unsigned after non-negative inputs, signed otherwise; initialised from the first
-  batch it sees (averaged over ranks under ``torch.distributed``).
+* :class:`WeightQuantizer` — the base of the weight quantizers, one subclass per ``weight_mode`` registered in
+  :mod:`lightning_dbq.quant.registry`: :class:`DoubleRoundWeightQuantizer` (the method: ONE learned scale ``s_h``
+  per layer — per-tensor by default, per-output-channel as an option — shared by every candidate bit; only the
+  ``h``-bit codes are ever stored), and the baselines :class:`FloorWeightQuantizer` (floor nesting from the same
+  shared scale) and :class:`UnsharedWeightQuantizer` (one LSQ scale per bit, FP32 storage). The binary mode lives
+  in :mod:`lightning_dbq.quant.binary`. ``WeightQuantizer(weight, bits, mode=...)`` builds the registered class.
+* :class:`ActQuantizer` (defined in :mod:`lightning_dbq.quant.act_quantizers`, re-exported here) — LSQ with one
+  learned scale per candidate bit.
 
 Scales are positive by construction: the module stores a raw parameter ``p`` and uses ``|p| + eps``, so no
 optimizer step, however large, can make a scale zero or negative.
@@ -34,22 +37,37 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_dbq.quant.functional import double_round_codes, floor_nest_fake, lsq_grad_scale, qrange
+from lightning_dbq.quant.act_quantizers import SCALE_EPS, ActQuantizer, _positive
+from lightning_dbq.quant.functional import (
+    MAX_BITS,
+    MIN_BITS,
+    decode_weight,
+    double_round_codes,
+    double_round_fake,
+    floor_nest_fake,
+    lsq_grad_scale,
+    qrange,
+    rhu_interval,
+    shift_codes,
+)
 from lightning_dbq.quant.kernels import check_kernel, kernels
+from lightning_dbq.quant.packing import pack_width
+from lightning_dbq.quant.registry import register_weight_quantizer, weight_quantizer_class
 
-__all__ = ["SCALE_EPS", "ActQuantizer", "WeightQuantizer", "relative_scale"]
-
-SCALE_EPS = 1e-8
-
-
-def _positive(p: Tensor) -> Tensor:
-    return p.abs() + SCALE_EPS
+__all__ = [
+    "SCALE_EPS",
+    "ActQuantizer",
+    "DoubleRoundWeightQuantizer",
+    "FloorWeightQuantizer",
+    "UnsharedWeightQuantizer",
+    "WeightQuantizer",
+    "relative_scale",
+]
 
 
 def relative_scale(p: Tensor, ref: Tensor) -> Tensor:
@@ -64,17 +82,19 @@ def relative_scale(p: Tensor, ref: Tensor) -> Tensor:
 
 
 class WeightQuantizer(nn.Module):
-    """Double Rounding weight quantizer with one shared learned scale.
+    """Base of the weight quantizers: one subclass per ``weight_mode`` (:mod:`lightning_dbq.quant.registry`).
 
-    .. math:: \\hat W_l = \\mathrm{clamp}(\\lfloor q_h / 2^k + 1/2 \\rfloor) \\cdot 2^k \\cdot s_h
+    ``WeightQuantizer(weight, bits, mode="floor")`` builds the class registered as ``mode`` (default
+    ``"double_round"``); a subclass can also be built directly. What a mode owns (class attributes and methods):
 
-    The scale is initialised for the *lowest* candidate bit so low bits are not all zeros (docs/math.md §2.3):
-    ``s_h = 2·mean|W| / sqrt(Q_P(l_min)) / 2^(h − l_min)``. The LSQ gradient scale uses ``N`` = number of weights
-    sharing one scale and ``Q_P(h)``.
-
-    Baselines (``mode``): ``"floor"`` nests by truncation (``q_h >> k``) from the same shared scale;
-    ``"unshared"`` keeps one LSQ scale per bit (``scales``), initialised with LSQ's rule at each bit, and needs
-    FP32 weight storage.
+    * :attr:`has_codes`: whether its weights are stored as shared integer codes (``False``: FP32 storage);
+    * :meth:`codes` / :meth:`decode`: the stored ``h``-bit codes of a weight and the weight ``load_int`` rebuilds
+      from (possibly narrower) codes; :meth:`storage_bits`: the packed width per weight;
+    * :meth:`nest_codes` / :meth:`candidate_codes` / :meth:`fake_weight`: how lower bits derive from stored codes
+      (slim artifacts, :mod:`lightning_dbq.quant.slim`);
+    * :attr:`act_quantizer`: the activation quantizer class that goes with it; :meth:`check_bits`: the bit lists it
+      accepts; :attr:`subnet_search`: whether mixed-precision SubNet search applies;
+    * :meth:`effective_scale`: the scale ``s`` with ``weight grid = codes · s`` (what freeze and export record).
 
     Eval-mode cache: with ``self.training`` False and gradients off (``torch.no_grad()`` or
     ``torch.inference_mode()``), the output is cached per active bit and reused while the weight and the scale
@@ -89,74 +109,126 @@ class WeightQuantizer(nn.Module):
 
     Args:
         weight: the layer's weight, used for the initial scale and the shape of a per-channel scale.
-        bits: candidate bits (validated by the caller), any order.
+        bits: candidate bits (checked by :meth:`check_bits`), any order.
         per_channel: one scale per output channel (dim 0) instead of one per tensor.
-        mode: ``"double_round"`` (default), ``"floor"`` or ``"unshared"``.
+        mode: the registered ``weight_mode`` to build (only when calling ``WeightQuantizer`` itself; a subclass
+            accepts its own mode or ``None``).
         kernel: fake-quant back-end, ``"fused"`` | ``"eager"`` | ``"compile"`` (:mod:`lightning_dbq.quant.kernels`).
     """
 
-    scale_ref: Tensor
+    #: the registered name (set by :func:`~lightning_dbq.quant.registry.register_weight_quantizer`)
+    mode: ClassVar[str] = ""
+    #: weights stored as shared integer codes (``False``: FP32 weights in the artifact, no slim artifacts)
+    has_codes: ClassVar[bool] = True
+    #: the narrowest code width a stored layer may use
+    min_code_bits: ClassVar[int] = MIN_BITS
+    #: mixed-precision SubNet search (:mod:`lightning_dbq.search`) applies to this mode
+    subnet_search: ClassVar[bool] = False
+    #: the activation quantizer class of this mode
+    act_quantizer: ClassVar[type[ActQuantizer]] = ActQuantizer
+
     _cache: dict[int, Tensor]
     _cache_state: tuple[Any, ...] | None
     _cache_refs: tuple[weakref.ref[Tensor], ...]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> WeightQuantizer:
+        if cls is WeightQuantizer:  # the factory form: WeightQuantizer(weight, bits, mode=...)
+            mode = kwargs.get("mode", args[3] if len(args) > 3 else None)
+            cls = weight_quantizer_class("double_round" if mode is None else mode)
+        return super().__new__(cls)
 
     def __init__(
         self,
         weight: Tensor,
         bits: Sequence[int],
         per_channel: bool = False,
-        mode: str = "double_round",
+        mode: str | None = None,
         kernel: str = "fused",
     ) -> None:
         super().__init__()
-        if mode not in ("double_round", "floor", "unshared"):
-            raise ValueError(f"mode must be 'double_round', 'floor' or 'unshared', got {mode!r}")
+        if mode is not None and mode != type(self).mode:
+            raise ValueError(f"{type(self).__name__} is weight_mode {type(self).mode!r}, got mode={mode!r}; build "
+                             "WeightQuantizer(weight, bits, mode=...) for another mode")  # fmt: skip
         self.kernel: str = check_kernel(kernel)
         self.bits: tuple[int, ...] = tuple(sorted(bits, reverse=True))
+        type(self).check_bits(self.bits)
         self.high_bits: int = self.bits[0]
         self.active_bits: int = self.high_bits
         self.enabled: bool = True
         self.per_channel = per_channel
-        self.mode = mode
         self._cache = {}
         self._cache_state, self._cache_refs = None, ()
-        w = weight.detach()
-        if mode == "unshared":
-            self.scales = nn.ParameterDict({str(b): nn.Parameter(self._lsq_init(w, b)) for b in self.bits})
-        else:
-            low = self.bits[-1]
-            init = self._lsq_init(w, low) / float(1 << (self.high_bits - low))
-            self.register_buffer("scale_ref", init)
-            self.scale = nn.Parameter(torch.ones_like(init))
+        self._init_state(weight.detach())
 
-    def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool, missing_keys: list[str],
-        unexpected_keys: list[str], error_msgs: list[str],
-    ) -> None:  # fmt: skip
-        key, ref_key = prefix + "scale", prefix + "scale_ref"
-        if self.mode != "unshared" and key in state_dict and ref_key not in state_dict:
-            # a state dict from before the relative parametrisation: s = |p| + eps  ->  s_ref = |p| + eps, p = 1
-            old = state_dict[key]
-            state_dict[ref_key] = _positive(old.detach())
-            state_dict[key] = torch.ones_like(old)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+    # ------------------------------------------------------------------ what each mode defines
 
-    def _lsq_init(self, w: Tensor, bits: int) -> Tensor:
-        """``2·mean|W| / sqrt(Q_P(bits))`` (per tensor or per output channel)."""
-        if self.per_channel:
-            mean_abs = w.abs().float().reshape(w.shape[0], -1).mean(dim=1)
-            mean_abs = mean_abs.reshape((w.shape[0],) + (1,) * (w.dim() - 1))
-        else:
-            mean_abs = w.abs().float().mean()
-        return (2.0 * mean_abs / math.sqrt(qrange(bits, signed=True)[1])).clamp_min(1e-6)
+    @classmethod
+    def check_bits(cls, bits: tuple[int, ...]) -> None:
+        """Raise ``ValueError`` when this mode cannot use the (validated, descending) candidate ``bits``.
+
+        Default: every bit in ``[MIN_BITS, MAX_BITS]`` (multi-precision modes).
+        """
+        bad = [b for b in bits if not MIN_BITS <= b <= MAX_BITS]
+        if bad:
+            raise ValueError(f"weight_mode={cls.mode!r} needs bits in [{MIN_BITS}, {MAX_BITS}], got {list(bits)}"
+                             + ("; bits=[1] is weight_mode='binary'" if 1 in bad else ""))  # fmt: skip
+
+    def _init_state(self, w: Tensor) -> None:
+        """Register the mode's parameters and buffers from the (detached) initial weight."""
+        raise NotImplementedError
 
     def effective_scale(self) -> Tensor:
-        """The positive scale actually used: ``s_ref·(|p| + eps)`` (the active bit's ``|p| + eps`` when unshared)."""
-        if self.mode == "unshared":
-            return _positive(self.scales[str(self.active_bits)])
-        return relative_scale(self.scale, self.scale_ref)
+        """The positive scale ``s`` of the stored grid (``weight = codes · s``) at the active bits."""
+        raise NotImplementedError
+
+    def scale_tensors(self) -> tuple[Tensor, ...]:
+        """Every tensor the fake-quantized weight depends on besides the weight (keys of the eval cache)."""
+        raise NotImplementedError
+
+    def _fake_quant(self, w: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def codes(self, w: Tensor) -> Tensor:
+        """The stored ``h``-bit integer codes of ``w`` as int8.
+
+        Raises:
+            ValueError: the mode has no shared integer codes (:attr:`has_codes` is False).
+        """
+        raise ValueError(f"weight_mode={self.mode!r} has no shared integer codes (FP32 storage)")
+
+    def decode(self, codes: Tensor, code_bits: int) -> Tensor:
+        """The float32 weight rebuilt from stored ``code_bits``-bit ``codes``: ``c · 2^(h−w) · s`` (``load_int``), on
+        the scale's device."""
+        scale = self.effective_scale().detach()
+        return decode_weight(codes.to(scale.device), code_bits, self.high_bits, scale)
+
+    @classmethod
+    def storage_bits(cls, code_bits: int) -> int:
+        """Bits per weight in an artifact: the packing width of ``code_bits``-bit codes, or 32 without codes."""
+        return pack_width(code_bits) if cls.has_codes else 32
+
+    @classmethod
+    def nest_codes(cls, q_high: Tensor, high_bits: int, bits: int) -> Tensor:
+        """The ``bits``-bit codes this mode derives from ``high_bits``-bit codes (int32)."""
+        raise ValueError(f"weight_mode={cls.mode!r} has no nested integer codes")
+
+    @classmethod
+    def candidate_codes(
+        cls, q_high: Tensor, high_bits: int, width: int, targets: Sequence[tuple[int, Tensor]]
+    ) -> Tensor:
+        """Candidate ``width``-bit codes meant to reproduce ``targets`` (``(bits, codes)`` pairs) by nesting.
+
+        Default: the mode's own ``width``-bit codes :meth:`nest_codes` (enough for a transitive nesting such as
+        truncation). Slim artifacts check every candidate exactly (:func:`~lightning_dbq.quant.slim.narrowest_width`).
+        """
+        return cls.nest_codes(q_high, high_bits, width)
+
+    @classmethod
+    def fake_weight(cls, weight: Tensor, scale: Tensor, high_bits: int, bits: int) -> Tensor:
+        """The eager reference of this mode's fake-quantized weight at ``bits`` from the stored scale (no grad)."""
+        raise ValueError(f"weight_mode={cls.mode!r} has no shared scale to fake-quantize with")
+
+    # ------------------------------------------------------------------ shared machinery
 
     def forward(self, w: Tensor) -> Tensor:
         """Fake-quantize ``w`` at :attr:`active_bits` (identity when disabled; cached in eval mode without grad)."""
@@ -180,11 +252,10 @@ class WeightQuantizer(nn.Module):
     def _cache_key(self, w: Tensor) -> tuple[tuple[Any, ...], tuple[weakref.ref[Tensor], ...]] | None:
         """Identity, storage and version of ``w`` and of every scale tensor, plus weak references that tell
         whether those tensors are still alive (``None``: do not cache)."""
-        scales = tuple(self.scales.values()) if self.mode == "unshared" else (self.scale, self.scale_ref)
         key: list[Any] = [self.kernel, self.mode]
         refs = []
         try:
-            for t in (w, *scales):
+            for t in (w, *self.scale_tensors()):
                 if type(t) not in (Tensor, nn.Parameter) or t.is_inference():
                     return None  # tracing/functorch wrappers, or tensors without a version counter
                 key += [id(t), t.data_ptr(), t._version, t.device, t.dtype, t.shape, t.stride()]
@@ -210,28 +281,22 @@ class WeightQuantizer(nn.Module):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        old_mode = state.pop("mode", None)  # pickles from before the registry: one class, mode an attribute
         super().__setstate__(state)
+        if isinstance(old_mode, str):
+            self.__class__ = weight_quantizer_class(old_mode)
         self.__dict__.setdefault("_cache", {})  # pickles from before the cache existed
         self.__dict__.setdefault("_cache_state", None)
         self.__dict__.setdefault("_cache_refs", ())
 
-    def _fake_quant(self, w: Tensor) -> Tensor:
-        s = self.effective_scale()
-        n = w.numel() // s.numel()
-        if self.mode == "unshared":
-            g = lsq_grad_scale(n, qrange(self.active_bits, signed=True)[1])
-            return kernels(self.kernel).lsq(w, s, self.active_bits, True, g)
-        g = lsq_grad_scale(n, qrange(self.high_bits, signed=True)[1])
-        if self.mode == "floor":
-            return floor_nest_fake(w, s, self.high_bits, self.active_bits, g)
-        return kernels(self.kernel).double_round(w, s, self.high_bits, self.active_bits, g)
-
-    def codes(self, w: Tensor) -> Tensor:
-        """The stored ``h``-bit integer codes of ``w`` as int8 (shared-scale modes only)."""
-        if self.mode == "unshared":
-            raise ValueError("weight_mode='unshared' has no shared integer codes (FP32 storage)")
-        q_h, _ = double_round_codes(w, self.effective_scale().detach(), self.high_bits, self.high_bits)
-        return q_h.to(torch.int8)
+    def _lsq_init(self, w: Tensor, bits: int) -> Tensor:
+        """``2·mean|W| / sqrt(Q_P(bits))`` (per tensor or per output channel)."""
+        if self.per_channel:
+            mean_abs = w.abs().float().reshape(w.shape[0], -1).mean(dim=1)
+            mean_abs = mean_abs.reshape((w.shape[0],) + (1,) * (w.dim() - 1))
+        else:
+            mean_abs = w.abs().float().mean()
+        return (2.0 * mean_abs / math.sqrt(qrange(bits, signed=True)[1])).clamp_min(1e-6)
 
     def extra_repr(self) -> str:
         return (
@@ -240,70 +305,132 @@ class WeightQuantizer(nn.Module):
         )
 
 
-class ActQuantizer(nn.Module):
-    """LSQ activation quantizer with one learned scale per candidate bit.
+class _SharedScaleWeightQuantizer(WeightQuantizer):
+    """One learned scale ``s_h`` shared by every bit, stored relative to its initial value; ``h``-bit codes.
 
-    Initialised lazily from the first batch: the sign (unsigned iff the batch is non-negative) and
-    ``s_b = 2·mean|x| / sqrt(Q_P(b))`` for every ``b``. The LSQ gradient scale is ``1/sqrt(N·Q_P(b))`` with ``N`` the
-    number of elements *per sample* (``x[0].numel()``).
-
-    Args:
-        bits: candidate bits, any order.
-        kernel: fake-quant back-end, ``"fused"`` | ``"eager"`` | ``"compile"`` (:mod:`lightning_dbq.quant.kernels`).
+    The scale is initialised for the *lowest* candidate bit so low bits are not all zeros (docs/math.md §2.3):
+    ``s_h = 2·mean|W| / sqrt(Q_P(l_min)) / 2^(h − l_min)``. The LSQ gradient scale uses ``N`` = number of weights
+    sharing one scale and ``Q_P(h)``.
     """
 
-    initialized: Tensor
-    signed: Tensor
+    scale_ref: Tensor
 
-    def __init__(self, bits: Sequence[int], kernel: str = "fused") -> None:
-        super().__init__()
-        self.kernel: str = check_kernel(kernel)
-        self.bits: tuple[int, ...] = tuple(sorted(bits, reverse=True))
-        self.active_bits: int = self.bits[0]
-        self.enabled: bool = True
-        # One Parameter per bit so that optimizers (momentum, Adam state) never move another bit's scale.
-        self.scales = nn.ParameterDict({str(b): nn.Parameter(torch.ones(())) for b in self.bits})
-        self.register_buffer("initialized", torch.tensor(False))
-        self.register_buffer("signed", torch.tensor(False))
-        # Python mirrors of the two buffers: reading a tensor as bool on every forward costs a sync on GPU and a
-        # graph break under torch.compile. Re-read from the buffers after any state_dict load.
-        self._cached: tuple[bool, bool] | None = None
+    def _init_state(self, w: Tensor) -> None:
+        low = self.bits[-1]
+        init = self._lsq_init(w, low) / float(1 << (self.high_bits - low))
+        self.register_buffer("scale_ref", init)
+        self.scale = nn.Parameter(torch.ones_like(init))
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._cached = None
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool, missing_keys: list[str],
+        unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:  # fmt: skip
+        key, ref_key = prefix + "scale", prefix + "scale_ref"
+        if key in state_dict and ref_key not in state_dict:
+            # a state dict from before the relative parametrisation: s = |p| + eps  ->  s_ref = |p| + eps, p = 1
+            old = state_dict[key]
+            state_dict[ref_key] = _positive(old.detach())
+            state_dict[key] = torch.ones_like(old)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
-    @torch.no_grad()
-    def initialize(self, x: Tensor) -> None:
-        """Set the sign and every per-bit scale from a batch (averaged across ranks when distributed)."""
-        stats = torch.stack([x.detach().float().abs().mean(), -x.detach().float().min()])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            mean_abs = stats[:1].clone()
-            dist.all_reduce(mean_abs, op=dist.ReduceOp.SUM)
-            neg = stats[1:].clone()
-            dist.all_reduce(neg, op=dist.ReduceOp.MAX)
-            stats = torch.cat([mean_abs / dist.get_world_size(), neg])
-        mean_abs_f, neg_min = float(stats[0]), float(stats[1])
-        signed = neg_min > 0.0
-        self.signed.fill_(signed)
-        for b in self.bits:
-            q_p = qrange(b, signed)[1]
-            self.scales[str(b)].data.fill_(max(2.0 * mean_abs_f / math.sqrt(q_p), 1e-6))
-        self.initialized.fill_(True)
-        self._cached = (True, signed)
+    def effective_scale(self) -> Tensor:
+        """The positive shared scale ``s_h = s_ref·(|p| + eps)``."""
+        return relative_scale(self.scale, self.scale_ref)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Fake-quantize ``x`` at :attr:`active_bits` (identity when disabled)."""
-        if not self.enabled:
-            return x
-        if self._cached is None:
-            if not bool(self.initialized):
-                self.initialize(x)
-            self._cached = (True, bool(self.signed))
-        signed = self._cached[1]
-        b = self.active_bits
-        g = lsq_grad_scale(max(x[0].numel(), 1), qrange(b, signed)[1])
-        return kernels(self.kernel).lsq(x, _positive(self.scales[str(b)]), b, signed, g)
+    def scale_tensors(self) -> tuple[Tensor, ...]:
+        return (self.scale, self.scale_ref)
 
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}, active_bits={self.active_bits}, kernel={self.kernel!r}"
+    def _grad_scale(self, w: Tensor, s: Tensor) -> float:
+        return lsq_grad_scale(w.numel() // s.numel(), qrange(self.high_bits, signed=True)[1])
+
+    def codes(self, w: Tensor) -> Tensor:
+        """The stored ``h``-bit integer codes ``clamp(rhu(W / s_h))`` of ``w`` as int8."""
+        q_h, _ = double_round_codes(w, self.effective_scale().detach(), self.high_bits, self.high_bits)
+        return q_h.to(torch.int8)
+
+
+@register_weight_quantizer("double_round")
+class DoubleRoundWeightQuantizer(_SharedScaleWeightQuantizer):
+    """Double Rounding weight quantizer with one shared learned scale (the method).
+
+    .. math:: \\hat W_l = \\mathrm{clamp}(\\lfloor q_h / 2^k + 1/2 \\rfloor) \\cdot 2^k \\cdot s_h
+    """
+
+    subnet_search = True
+
+    def _fake_quant(self, w: Tensor) -> Tensor:
+        s = self.effective_scale()
+        return kernels(self.kernel).double_round(w, s, self.high_bits, self.active_bits, self._grad_scale(w, s))
+
+    @classmethod
+    def nest_codes(cls, q_high: Tensor, high_bits: int, bits: int) -> Tensor:
+        """``clamp(rhu(q_h / 2^k))`` (:func:`~lightning_dbq.quant.functional.shift_codes`)."""
+        return shift_codes(q_high, high_bits, bits)
+
+    @classmethod
+    def candidate_codes(
+        cls, q_high: Tensor, high_bits: int, width: int, targets: Sequence[tuple[int, Tensor]]
+    ) -> Tensor:
+        """The ``width``-bit Double Rounding codes, moved per weight to the nearest code inside the range of codes
+        whose rounding gives the target code at every kept bit (Double Rounding is not transitive:
+        ``rhu(rhu(24/16)/4) = 1`` but ``rhu(24/64) = 0``)."""
+        codes = cls.nest_codes(q_high, high_bits, width)
+        lo_w, hi_w = qrange(width, signed=True)
+        lower = torch.full_like(codes, lo_w, dtype=torch.int64)
+        upper = torch.full_like(codes, hi_w, dtype=torch.int64)
+        for b, want in targets:
+            lo, hi = rhu_interval(want, width - b, b, width)
+            lower, upper = torch.maximum(lower, lo), torch.minimum(upper, hi)
+        return torch.minimum(torch.maximum(codes.to(torch.int64), lower), upper).to(torch.int32)
+
+    @classmethod
+    def fake_weight(cls, weight: Tensor, scale: Tensor, high_bits: int, bits: int) -> Tensor:
+        with torch.no_grad():
+            return double_round_fake(weight, scale, high_bits, bits)
+
+
+@register_weight_quantizer("floor")
+class FloorWeightQuantizer(_SharedScaleWeightQuantizer):
+    """Floor nesting baseline (AdaBits-style): ``q_l = q_h >> k`` from the same shared scale and ``h``-bit codes.
+
+    Always runs eagerly (:func:`~lightning_dbq.quant.functional.floor_nest_fake`, whatever the ``kernel``).
+    """
+
+    def _fake_quant(self, w: Tensor) -> Tensor:
+        s = self.effective_scale()
+        return floor_nest_fake(w, s, self.high_bits, self.active_bits, self._grad_scale(w, s))
+
+    @classmethod
+    def nest_codes(cls, q_high: Tensor, high_bits: int, bits: int) -> Tensor:
+        """``q_h >> k`` (truncation: transitive, so the ``max(kept)``-bit codes give every lower kept bit)."""
+        return q_high.to(torch.int32) >> (high_bits - bits)
+
+    @classmethod
+    def fake_weight(cls, weight: Tensor, scale: Tensor, high_bits: int, bits: int) -> Tensor:
+        with torch.no_grad():
+            return floor_nest_fake(weight, scale, high_bits, bits)
+
+
+@register_weight_quantizer("unshared")
+class UnsharedWeightQuantizer(WeightQuantizer):
+    """Baseline "Ours*": one LSQ scale per bit (``scales``), each initialised with LSQ's rule at its bit; the
+    weights have no shared integer codes and are stored in FP32."""
+
+    has_codes = False
+
+    def _init_state(self, w: Tensor) -> None:
+        self.scales = nn.ParameterDict({str(b): nn.Parameter(self._lsq_init(w, b)) for b in self.bits})
+
+    def effective_scale(self) -> Tensor:
+        """The active bit's ``|p| + eps``."""
+        return _positive(self.scales[str(self.active_bits)])
+
+    def scale_tensors(self) -> tuple[Tensor, ...]:
+        return tuple(self.scales.values())
+
+    def _fake_quant(self, w: Tensor) -> Tensor:
+        s = self.effective_scale()
+        g = lsq_grad_scale(w.numel() // s.numel(), qrange(self.active_bits, signed=True)[1])
+        return kernels(self.kernel).lsq(w, s, self.active_bits, True, g)

@@ -30,9 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dbq.quant.artifact_check import ArtifactError
-from lightning_dbq.quant.functional import double_round_fake, floor_nest_fake, qrange, shift_codes
-from lightning_dbq.quant.layers import DBQLayer
+from lightning_dbq.quant.functional import decode_weight, expand_codes
+from lightning_dbq.quant.layers import iter_quantizers
 from lightning_dbq.quant.prepare import bit_config, get_spec, set_bits
+from lightning_dbq.quant.registry import weight_quantizer_class
 from lightning_dbq.quant.spec import QuantSpec
 
 __all__ = [
@@ -61,41 +62,15 @@ def nest_codes(q_high: Tensor, high_bits: int, bits: int, mode: str = "double_ro
         q_high: signed ``high_bits``-bit integer codes.
         high_bits: their width ``h``.
         bits: the target width ``l <= h``.
-        mode: ``"double_round"`` (``clamp(rhu(q_h / 2^k))``, :func:`~lightning_dbq.quant.functional.shift_codes`) or
-            ``"floor"`` (``q_h >> k``, the floor-nesting baseline).
+        mode: the registered weight mode whose nesting to use
+            (:meth:`~lightning_dbq.quant.quantizers.WeightQuantizer.nest_codes`): ``"double_round"``
+            (``clamp(rhu(q_h / 2^k))``, :func:`~lightning_dbq.quant.functional.shift_codes`), ``"floor"``
+            (``q_h >> k``, the floor-nesting baseline), ``"binary"`` (the codes themselves).
 
     Returns:
         The ``l``-bit codes, shaped like ``q_high``.
     """
-    if mode == "floor":
-        return q_high.to(torch.int32) >> (high_bits - bits)
-    return shift_codes(q_high, high_bits, bits)
-
-
-def expand_codes(codes: Tensor, code_bits: int, high_bits: int) -> Tensor:
-    """Width-``w`` codes on the ``h``-bit grid: ``c · 2^(h-w)`` (int32), what a full artifact would have stored."""
-    return codes.to(torch.int32) * (1 << (high_bits - code_bits))
-
-
-def decode_weight(codes: Tensor, code_bits: int, high_bits: int, scale: Tensor) -> Tensor:
-    """The float32 weight ``c · 2^(h-w) · s_h`` that ``load_int`` puts into a layer (``scale``: ``s_h``)."""
-    return expand_codes(codes, code_bits, high_bits).float() * scale.float()
-
-
-def _rhu_interval(target: Tensor, shift: int, bits: int, width: int) -> tuple[Tensor, Tensor]:
-    """Per element, the inclusive range of ``width``-bit codes ``c`` with ``clamp(rhu(c / 2^shift)) == target``
-    (``target``: signed ``bits``-bit codes; a target at the edge of its range takes every code beyond it)."""
-    lo_w, hi_w = qrange(width, signed=True)
-    lo_l, hi_l = qrange(bits, signed=True)
-    t = target.to(torch.int64)
-    if shift == 0:
-        lower, upper = t, t.clone()
-    else:
-        half = 1 << (shift - 1)
-        lower, upper = t * (1 << shift) - half, t * (1 << shift) + half - 1
-    lower = torch.where(t == lo_l, torch.full_like(t, lo_w), lower)
-    upper = torch.where(t == hi_l, torch.full_like(t, hi_w), upper)
-    return lower, upper
+    return weight_quantizer_class(mode).nest_codes(q_high, high_bits, bits)
 
 
 def narrowest_width(
@@ -104,49 +79,39 @@ def narrowest_width(
     """The lowest width ``w`` in ``[max(kept), h]`` at which ``w``-bit codes reproduce ``q_high``'s codes at every
     kept bit, and those codes.
 
-    Candidate codes at ``w``: the quantizer's own ``w``-bit codes ``nest(q_h, h, w)``, moved per weight (Double
-    Rounding only) to the nearest code inside the range of ``w``-bit codes whose rounding gives the target code at
-    every kept bit. Double Rounding is not transitive (``q_h = 24``, ``h = 8``: ``rhu(rhu(24/16)/4) = 1`` but
-    ``rhu(24/64) = 0``), so ``nest(q_h, h, 4)`` alone does not always give the 2-bit codes; the 5-bit code 3 gives
-    both. Every candidate is then checked exactly as the loaded model will use it, on the ``h``-bit grid:
-    ``nest(c_w · 2^(h-w), h, l) == nest(q_h, h, l)`` for every kept ``l``. ``w = h`` always qualifies.
+    Candidate codes at ``w``: the mode's :meth:`~lightning_dbq.quant.quantizers.WeightQuantizer.candidate_codes` —
+    for Double Rounding its own ``w``-bit codes ``nest(q_h, h, w)``, moved per weight to the nearest code inside the
+    range of ``w``-bit codes whose rounding gives the target code at every kept bit. Double Rounding is not
+    transitive (``q_h = 24``, ``h = 8``: ``rhu(rhu(24/16)/4) = 1`` but ``rhu(24/64) = 0``), so ``nest(q_h, h, 4)``
+    alone does not always give the 2-bit codes; the 5-bit code 3 gives both. Every candidate is then checked exactly
+    as the loaded model will use it, on the ``h``-bit grid: ``nest(c_w · 2^(h-w), h, l) == nest(q_h, h, l)`` for
+    every kept ``l``. ``w = h`` always qualifies.
 
     Args:
         q_high: the layer's ``h``-bit codes.
         high_bits: ``h``.
         kept: the bits to keep (each ``<= h``).
-        mode: the model's weight mode (``"double_round"`` or ``"floor"``, which nests by truncation and so is
+        mode: the model's weight mode (e.g. ``"double_round"``, or ``"floor"``, which nests by truncation and so is
             transitive: ``w = max(kept)`` always qualifies).
 
     Returns:
         ``(w, c_w)``: the width and the int32 codes to store.
     """
-    targets = [(b, nest_codes(q_high, high_bits, b, mode)) for b in kept]
+    quantizer = weight_quantizer_class(mode)
+    targets = [(b, quantizer.nest_codes(q_high, high_bits, b)) for b in kept]
     for w in range(max(kept), high_bits + 1):
-        codes = nest_codes(q_high, high_bits, w, mode)
-        if mode != "floor":
-            lo_w, hi_w = qrange(w, signed=True)
-            lower, upper = (
-                torch.full_like(codes, lo_w, dtype=torch.int64),
-                torch.full_like(codes, hi_w, dtype=torch.int64),
-            )
-            for b, want in targets:
-                lo, hi = _rhu_interval(want, w - b, b, w)
-                lower, upper = torch.maximum(lower, lo), torch.minimum(upper, hi)
-            codes = torch.minimum(torch.maximum(codes.to(torch.int64), lower), upper).to(torch.int32)
+        codes = quantizer.candidate_codes(q_high, high_bits, w, targets)
         grid = expand_codes(codes, w, high_bits)
-        if all(torch.equal(nest_codes(grid, high_bits, b, mode), want) for b, want in targets):
+        if all(torch.equal(quantizer.nest_codes(grid, high_bits, b), want) for b, want in targets):
             return w, codes
     raise AssertionError("unreachable: the h-bit codes reproduce themselves")  # pragma: no cover
 
 
 def fake_weight(weight: Tensor, scale: Tensor, high_bits: int, bits: int, mode: str = "double_round") -> Tensor:
-    """The fake-quantized weight a :class:`~lightning_dbq.quant.quantizers.WeightQuantizer` computes at ``bits``
-    (the eager reference functions; every kernel back-end gives the same values bit for bit)."""
-    with torch.no_grad():
-        if mode == "floor":
-            return floor_nest_fake(weight, scale, high_bits, bits)
-        return double_round_fake(weight, scale, high_bits, bits)
+    """The fake-quantized weight a :class:`~lightning_dbq.quant.quantizers.WeightQuantizer` of ``mode`` computes at
+    ``bits`` from its stored scale (the eager reference functions; every kernel back-end gives the same values bit
+    for bit)."""
+    return weight_quantizer_class(mode).fake_weight(weight, scale, high_bits, bits)
 
 
 def _bits_value(v: Any, spec: QuantSpec) -> bool:
@@ -158,7 +123,8 @@ def check_selection(
 ) -> tuple[dict[str, int] | None, tuple[int, ...] | None]:
     """The manifest's ``config`` / ``available_bits`` against its spec and (already checked) ``layers``.
 
-    Rules: at most one of the two is set; neither is allowed with ``weight_mode="unshared"``; ``config`` names
+    Rules: at most one of the two is set; neither is allowed for a mode without codes (``weight_mode="unshared"``);
+    ``config`` names
     exactly the coded layers, each with a bit of ``spec.bits``; ``available_bits`` is a non-empty list of distinct
     bits of ``spec.bits``; every layer's ``code_bits`` can hold the bits it keeps; a full artifact (neither set)
     stores every layer at ``h`` bits.
@@ -173,9 +139,9 @@ def check_selection(
     if config is not None and available is not None:
         raise ArtifactError(path, "config", "an artifact keeps one configuration (config) or a bit subset "
                             "(available_bits), not both")  # fmt: skip
-    if (config is not None or available is not None) and spec.weight_mode == "unshared":
-        raise ArtifactError(path, "config" if config is not None else "available_bits",
-                            "slim artifacts need shared codes; weight_mode='unshared' stores FP32 weights")  # fmt: skip
+    if (config is not None or available is not None) and not weight_quantizer_class(spec.weight_mode).has_codes:
+        raise ArtifactError(path, "config" if config is not None else "available_bits", "slim artifacts need shared "
+                            f"codes; weight_mode={spec.weight_mode!r} stores FP32 weights")  # fmt: skip
     coded = {layer["name"]: layer for layer in layers if layer["storage_bits"] != 32}
     high = spec.high_bits
     if config is not None:
@@ -228,11 +194,11 @@ def resolve_selection(
 
     Raises:
         ArtifactError: (field ``bits``) a mapping that misses layers, unknown layers or bits outside the candidate
-            set, an empty / repeated subset, bits a slim-loaded layer does not keep, or any selection on a
-            ``weight_mode="unshared"`` model.
+            set, an empty / repeated subset, bits a slim-loaded layer does not keep, or any selection on a model
+            without shared codes (``weight_mode="unshared"``).
     """
     spec = get_spec(model)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, DBQLayer)}
+    layers = {q.name: q.layer for q in iter_quantizers(model)}
     kept = {n: getattr(m, AVAILABLE_BITS_ATTR, None) for n, m in layers.items()}
     if bits is None:
         if all(k is None for k in kept.values()):
@@ -245,9 +211,9 @@ def resolve_selection(
         else:
             raise ArtifactError(path, "bits", "the model's layers come from a slim artifact but the model records "
                                 "neither dbq_config nor dbq_available_bits; pass bits= explicitly")  # fmt: skip
-    if spec.weight_mode == "unshared":
-        raise ArtifactError(path, "bits", "slim artifacts need shared integer codes; weight_mode='unshared' "
-                            "stores FP32 weights (use bits=None)")  # fmt: skip
+    if not weight_quantizer_class(spec.weight_mode).has_codes:
+        raise ArtifactError(path, "bits", f"slim artifacts need shared integer codes; weight_mode={spec.weight_mode!r}"
+                            " stores FP32 weights (use bits=None)")  # fmt: skip
     if isinstance(bits, Mapping) or (isinstance(bits, int) and not isinstance(bits, bool)):
         if isinstance(bits, Mapping):
             missing = [n for n in layers if n not in bits]

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lightning_dbq.quant.functional import MAX_BITS, MIN_BITS
+from lightning_dbq.quant.registry import weight_quantizer_class
 
 __all__ = ["WEIGHT_MODES", "QuantSpec", "validate_bits"]
 
@@ -17,8 +18,11 @@ from lightning_dbq.options import WEIGHT_MODES  # noqa: E402
 def validate_bits(bits: Any, name: str = "bits") -> tuple[int, ...]:
     """Validate a candidate bit list and return it sorted descending.
 
+    Bits lie in ``[2, 8]``; the one exception is ``[1]`` alone, the single precision of a binary model
+    (``weight_mode="binary"``). Which lists a weight mode accepts is checked by :class:`QuantSpec`.
+
     Raises:
-        ValueError: empty, duplicates, or a value outside ``[2, 8]``.
+        ValueError: empty, duplicates, a value outside ``[2, 8]``, or 1 next to other bits.
         TypeError: not a sequence of integers (``bool`` and ``float`` are rejected).
 
     Example:
@@ -35,8 +39,9 @@ def validate_bits(bits: Any, name: str = "bits") -> tuple[int, ...]:
     for b in values:
         if isinstance(b, bool) or not isinstance(b, numbers.Integral):
             raise TypeError(f"`{name}` must contain integers, got {b!r} ({type(b).__name__}) in {values!r}")
-        if not (MIN_BITS <= int(b) <= MAX_BITS):
-            raise ValueError(f"`{name}` values must be in [{MIN_BITS}, {MAX_BITS}], got {int(b)} in {values!r}")
+        if not (MIN_BITS <= int(b) <= MAX_BITS or (int(b) == 1 and len(values) == 1)):
+            hint = "; 1 bit is allowed only alone: bits=[1] with weight_mode='binary'" if int(b) == 1 else ""
+            raise ValueError(f"`{name}` values must be in [{MIN_BITS}, {MAX_BITS}], got {int(b)} in {values!r}{hint}")
     ints = [int(b) for b in values]
     dups = sorted({b for b in ints if ints.count(b) > 1})
     if dups:
@@ -58,8 +63,10 @@ class QuantSpec:
         skip: fnmatch patterns of layer names to keep in floating point.
         transitional_norm: norms keyed by (previous layer bits, layer bits) for mixed precision (needs
             ``per_bit_norm``).
-        weight_mode: ``"double_round"`` (the method), or a baseline: ``"floor"`` (floor nesting ``q_h >> k``,
-            AdaBits-style) or ``"unshared"`` (one LSQ scale per bit, FP32 storage: the paper's "Ours*").
+        weight_mode: a registered weight mode (:mod:`lightning_dbq.quant.registry`): ``"double_round"`` (the
+            method), a baseline — ``"floor"`` (floor nesting ``q_h >> k``, AdaBits-style) or ``"unshared"`` (one LSQ
+            scale per bit, FP32 storage: the paper's "Ours*") — or ``"binary"`` (1-bit weights and activations,
+            ``bits=[1]`` only).
     """
 
     bits: tuple[int, ...] = (8, 6, 4, 2)
@@ -77,8 +84,7 @@ class QuantSpec:
         if isinstance(self.skip, str):
             raise TypeError(f"`skip` must be a list of name patterns, got the string {self.skip!r}")
         object.__setattr__(self, "skip", tuple(str(s) for s in self.skip))
-        if self.weight_mode not in WEIGHT_MODES:
-            raise ValueError(f"`weight_mode` must be one of {WEIGHT_MODES}, got {self.weight_mode!r}")
+        weight_quantizer_class(self.weight_mode).check_bits(self.bits)
 
     @property
     def high_bits(self) -> int:

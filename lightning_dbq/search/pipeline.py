@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_dbq.quant.layers import DBQLayer
+from lightning_dbq.quant.layers import iter_quantizers
 from lightning_dbq.quant.prepare import bit_config, get_spec, quantized_layers, set_bits
 from lightning_dbq.search.hessian import LayerTrace
 from lightning_dbq.search.profile import plot_traces, profile_traces, save_traces
@@ -60,18 +60,19 @@ def served_weights(model: nn.Module) -> Iterator[nn.Module]:
     from an artifact is unchanged (bit for bit) and a model from a checkpoint becomes the model its artifact would
     serve. The highest bit is active inside (per-bit norms then use their ``h``-bit statistics, in both cases).
     Latent weights and bit state are restored on exit, also on error. Layers without shared codes
-    (``weight_mode="unshared"``, stored in FP32) keep their weights.
+    (:attr:`~lightning_dbq.quant.quantizers.WeightQuantizer.has_codes` False, e.g. ``weight_mode="unshared"``,
+    stored in FP32) keep their weights.
     """
     spec = get_spec(model)
     saved_bits = bit_config(model)
     latent: list[tuple[Tensor, Tensor]] = []
     try:
         with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, DBQLayer) and spec.weight_mode != "unshared":
-                    wq: Any = m.weight_quant
-                    w: Tensor = m.weight  # type: ignore[assignment]
-                    grid = wq.codes(w).float() * wq.effective_scale().float()
+            for q in iter_quantizers(model):
+                wq = q.weight_quant
+                if wq.has_codes:
+                    w: Tensor = q.layer.weight
+                    grid = wq.decode(wq.codes(w), wq.high_bits)
                     latent.append((w, w.detach().clone()))
                     w.copy_(grid.to(w.dtype))
         with contextlib.suppress(ValueError):  # a slim-loaded model may not run at h bits: keep its bits

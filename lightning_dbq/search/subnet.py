@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_dbq.quant.layers import iter_quantizers
 from lightning_dbq.quant.prepare import bit_config, get_spec, quantized_layers, set_bits
+from lightning_dbq.quant.registry import WEIGHT_QUANTIZERS, weight_quantizer_class
 from lightning_dbq.search.cost import bops_matrix, hawq_cost, layer_macs, paper_cost, quantization_error_matrix
 from lightning_dbq.search.hessian import LayerTrace
 from lightning_dbq.search.ilp import Allocation, BitAllocationProblem, algorithm2_enumeration, pareto_front
@@ -52,8 +54,9 @@ def build_problem(
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
     spec = get_spec(model)
-    if spec.weight_mode != "double_round":
-        raise ValueError(f"SubNet search supports weight_mode='double_round' only, got {spec.weight_mode!r}")
+    if not weight_quantizer_class(spec.weight_mode).subnet_search:
+        allowed = [name for name, cls in WEIGHT_QUANTIZERS.items() if cls.subnet_search]
+        raise ValueError(f"SubNet search supports weight_mode in {allowed} only, got {spec.weight_mode!r}")
     infos = quantized_layers(model)
     names = [i.name for i in infos]
     missing = [n for n in names if n not in traces]
@@ -62,10 +65,10 @@ def build_problem(
     bits = list(spec.bits)
     t = [traces[n].normalized for n in names]
     if cost == "hawq":
-        layers: list[Any] = [model.get_submodule(n) for n in names]
+        quantizers = {q.name: q for q in iter_quantizers(model)}
         errors = quantization_error_matrix(
-            [m.weight.detach() for m in layers], [m.weight_quant.effective_scale().detach() for m in layers],
-            spec.high_bits, bits,
+            [quantizers[n].layer.weight.detach() for n in names],
+            [quantizers[n].weight_quant.effective_scale().detach() for n in names], spec.high_bits, bits,
         )  # fmt: skip
         c = hawq_cost(t, errors)
     else:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_dbq.quant.layers import is_quant_layer
+from lightning_dbq.quant.layers import iter_quantizers
 from lightning_dbq.quant.norm import PerBitNorm
 
 __all__ = [
@@ -75,15 +75,13 @@ def classify_params(model: nn.Module) -> tuple[dict[int, str], dict[int, str]]:
     (anything else is a weight), and the layer name owning each weight scale."""
     kinds: dict[int, str] = {}
     layer_of: dict[int, str] = {}
-    m: Any
-    for name, m in model.named_modules():
-        if is_quant_layer(m):
-            for p in m.weight_quant.parameters():
-                kinds[id(p)] = "weight_scales"
-                layer_of[id(p)] = name
-            if m.act_quant is not None:
-                for p in m.act_quant.parameters():
-                    kinds[id(p)] = "act_scales"
+    for q in iter_quantizers(model):
+        for p in q.weight_quant.parameters():
+            kinds[id(p)] = "weight_scales"
+            layer_of[id(p)] = q.name
+        if q.act_quant is not None:
+            for p in q.act_quant.parameters():
+                kinds[id(p)] = "act_scales"
     for m in model.modules():
         if isinstance(m, PerBitNorm):
             for p in m.parameters():
