@@ -111,6 +111,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "quant.kd_weight": _num(0.0),
     "quant.nonfinite": _enum(NONFINITE),
     "quant.prepare.kernel": _enum(KERNELS),
+    "quant.weight_mode": _optional(_enum(WEIGHT_MODES)),
     "quant.prepare.weight_mode": _enum(WEIGHT_MODES),
     "quant.prepare.per_channel": _BOOL,
     "quant.prepare.quantize_first": _BOOL,

@@ -20,16 +20,19 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning_dbq.fqt.enable import LayerGradQuant, enable_grad_quant, grad_quant_config
     from lightning_dbq.fqt.functions import fqt_conv, fqt_linear
     from lightning_dbq.fqt.grad_quant import GRAD_METHODS, GradMethod, register_grad_method
+    from lightning_dbq.fqt.stats import GradStats, record_grad_stats
 
 __all__ = [
     "GRAD_METHODS",
     "GradMethod",
     "GradQuantConfig",
+    "GradStats",
     "LayerGradQuant",
     "enable_grad_quant",
     "fqt_conv",
     "fqt_linear",
     "grad_quant_config",
+    "record_grad_stats",
     "register_grad_method",
 ]
 
@@ -43,6 +46,8 @@ _WHERE = {
     "GRAD_METHODS": "grad_quant",
     "GradMethod": "grad_quant",
     "register_grad_method": "grad_quant",
+    "GradStats": "stats",
+    "record_grad_stats": "stats",
 }
 
 

@@ -26,6 +26,7 @@ from torch.nn import grad as nn_grad
 
 from lightning_dbq.fqt.config import GradQuantConfig
 from lightning_dbq.fqt.grad_quant import GRAD_METHODS
+from lightning_dbq.fqt.stats import record_estimate
 
 __all__ = ["fqt_conv", "fqt_linear", "quantize_conv_grad", "quantize_linear_grad"]
 
@@ -46,11 +47,15 @@ def quantize_conv_grad(
     n, c = gy.shape[:2]
     gy_x = gy_w = None
     if need_x or (need_w and not config.scq):
-        gy_x = method.sample(gy.reshape(n, -1), config.bits, config.keep, generator).reshape(gy.shape)
+        rows_x = gy.reshape(n, -1)
+        gy_x = method.sample(rows_x, config.bits, config.keep, generator)
+        record_estimate("x", rows_x, gy_x, config.bits)
+        gy_x = gy_x.reshape(gy.shape)
     if need_w:
         if config.scq:
             rows = gy.transpose(0, 1).reshape(c, -1)
             gy_w = method.channel(rows, config.bits, config.keep, generator)
+            record_estimate("w", rows, gy_w, config.bits)
             gy_w = gy_w.reshape(c, n, *gy.shape[2:]).transpose(0, 1)
         else:
             gy_w = gy_x
@@ -65,8 +70,13 @@ def quantize_linear_grad(
     gy_x = gy_w = None
     if need_x or (need_w and not config.scq):
         gy_x = method.sample(gy2, config.bits, config.keep, generator)
-    if need_w:
-        gy_w = method.channel(gy2.t(), config.bits, config.keep, generator).t() if config.scq else gy_x
+        record_estimate("x", gy2, gy_x, config.bits)
+    if need_w and config.scq:
+        gy_w = method.channel(gy2.t(), config.bits, config.keep, generator)
+        record_estimate("w", gy2.t(), gy_w, config.bits)
+        gy_w = gy_w.t()
+    elif need_w:
+        gy_w = gy_x
     return gy_x, gy_w
 
 

@@ -205,7 +205,7 @@ class DBQModule(pl.LightningModule):
         groups = param_groups(self.model, lr=hp.lr, weight_decay=hp.weight_decay, scale_lr=hp.scale_lr)
         opt: torch.optim.Optimizer
         if hp.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=True)
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0)
         elif hp.optimizer == "adamw":
             opt = torch.optim.AdamW(groups, lr=hp.lr)
         else:

@@ -16,7 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 from lightning_dbq.cli._conf import config_dir
-from lightning_dbq.cli.train import train, wandb_run_names
+from lightning_dbq.cli.train import resolve_weight_mode, train, wandb_run_names
 from lightning_dbq.cli.validate import ConfigError, validate_train_config
 
 CONF = Path(config_dir())
@@ -112,6 +112,8 @@ def test_train_writes_results_json_artifact_and_plot(tmp_path: Path) -> None:
         (["optim.optimizer=lion"], "optim.optimizer: got 'lion'"),
         (["quant.prepare.kernel=cuda"], r"quant.prepare.kernel: got 'cuda'; allowed: \['fused', 'eager', 'compile'\]"),
         (["quant.prepare.weight_mode=ceil"], "quant.prepare.weight_mode: got 'ceil'"),
+        (["quant.weight_mode=ceil"], "quant.weight_mode: got 'ceil'"),
+        (["quant.weight_mode=binary", "quant.prepare.weight_mode=floor"], "quant.weight_mode: got 'binary' but"),
     ],
 )
 def test_invalid_configs_fail_before_training(tmp_path: Path, overrides: list[str], match: str) -> None:
@@ -120,6 +122,18 @@ def test_invalid_configs_fail_before_training(tmp_path: Path, overrides: list[st
     with pytest.raises(ConfigError, match=match):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()  # nothing trained
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [([], "double_round"), (["quant.weight_mode=binary"], "binary"),
+     (["quant.weight_mode=floor", "quant.prepare.weight_mode=floor"], "floor"),
+     (["quant.prepare.weight_mode=unshared"], "unshared")],
+)  # fmt: skip
+def test_weight_mode_shorthand_sets_the_prepare_key(overrides: list[str], expected: str) -> None:
+    cfg = _compose(overrides)
+    resolve_weight_mode(cfg)
+    assert cfg.quant.prepare.weight_mode == expected
 
 
 def test_validation_accepts_the_default_config() -> None:
