@@ -42,7 +42,7 @@ test-fast: setup ## the test suite without lint
 test-slow: setup ## only the slow tests (minutes)
 	$(RUN) pytest -m slow $(PYTEST_ARGS)
 
-bench: setup ## benchmarks P1-P7 -> experiments/results/bench.json and experiments/README.md table
+bench: setup ## benchmarks P1-P9 -> experiments/results/bench.json and experiments/README.md table
 	$(RUN) python -m experiments.bench.run_all
 
 clean: ## remove caches and run outputs

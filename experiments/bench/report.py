@@ -33,6 +33,8 @@ _HOW = {
     "P5": "time to 5% rel. SE on every layer, extrapolated from measured per-sample time and variance",
     "P6": "`pareto_front_dp` wall-clock, median",
     "P7": "serving latency vs FP32 eager, same batch, 1 thread; frozen PyTorch and ONNX Runtime (`export_onnx`)",
+    "P8": "peak extra memory of one training step (fresh process each; CPU peak RSS, CUDA max_memory_allocated)",
+    "P9": "one FQT training step (quantized gY, simulated in float) vs the QAT step of the same w4a4 model",
 }
 
 
@@ -132,6 +134,25 @@ def _serve_table(details: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _fqt_table(details: dict[str, Any]) -> list[str]:
+    rows = [
+        "",
+        f"P9 breakdown, {details['model']} batch {details['batch']} (`experiments/bench/p9_fqt.py`; ms, medians of "
+        "interleaved runs; estimators: `torch.profiler` range `dbq.fqt.quantize_grad`):",
+        "",
+        "| gradients | step / QAT step | step ms | forward ms | backward + Adam ms | estimators ms | estimators share"
+        " |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for v, b in details["breakdown"].items():
+        rows.append(
+            f"| {v} | {fmt(b['over_qat'])}x | {fmt(b['step_ms'])} | {fmt(b['forward_ms'])} | "
+            f"{fmt(b['backward_and_optimizer_ms'])} | {fmt(b['estimators_ms'])} | "
+            f"{100 * b['estimators_share_of_step']:.0f} % |"
+        )
+    return rows
+
+
 def render_block(data: dict[str, Any]) -> str:
     """The markdown table of ``bench.json`` (between the markers)."""
     lines = [
@@ -161,6 +182,10 @@ def render_block(data: dict[str, Any]) -> str:
     p7 = data["results"].get("P7_frozen_resnet18", {}).get("details")
     if p7 and not data["results"]["P7_frozen_resnet18"].get("quick"):
         lines += _serve_table(p7)
+    for key in ("P9_cifar_resnet20", "P9_resnet18"):
+        entry = data["results"].get(key)
+        if entry and not entry.get("quick"):
+            lines += _fqt_table(entry["details"])
     notes = [
         f"- {k}: {e['details'].get('why') or e['details']['note']}"
         for k, e in data["results"].items()

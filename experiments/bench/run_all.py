@@ -1,4 +1,4 @@
-"""Run the benchmarks P1-P7 (+ the P1 kernel follow-up) and write ``bench.json`` and the README table.
+"""Run the benchmarks P1-P9 (+ the P1 kernel follow-up) and write ``bench.json`` and the README table.
 
 Usage::
 
@@ -6,7 +6,7 @@ Usage::
     uv run python -m experiments.bench.run_all --only P3,P4    # refresh a subset (other entries are kept)
     uv run python -m experiments.bench.run_all --quick         # smoke run (< 2 min), prints only
 
-Names for ``--only``: P1, P2, P3, P4, P5, P6, P7 and P1k (kernel variants of P1; part of the full run, not of
+Names for ``--only``: P1, P2, P3, P4, P5, P6, P7, P8, P9 and P1k (kernel variants of P1; part of the full run, not of
 ``--quick``).
 """
 
@@ -18,7 +18,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from experiments.bench import p1_kernels, p1_step, p2_epoch, p3_switch, p4_size, p5_hessian, p6_pareto, p7_serve
+from experiments.bench import (
+    p1_kernels,
+    p1_step,
+    p2_epoch,
+    p3_switch,
+    p4_size,
+    p5_hessian,
+    p6_pareto,
+    p7_serve,
+    p8_memory,
+    p9_fqt,
+)
 from experiments.bench.common import BenchResult, fmt, setup_torch
 from experiments.bench.report import merge_json, write_readme_block
 
@@ -33,6 +44,8 @@ BENCHES: dict[str, Callable[[bool], list[BenchResult]]] = {
     "P5": p5_hessian.run,
     "P6": p6_pareto.run,
     "P7": p7_serve.run,
+    "P8": p8_memory.run,
+    "P9": p9_fqt.run,
 }
 EXTRA = {"P1k": ("P1_kernels", p1_kernels.run)}
 
@@ -55,7 +68,7 @@ def _summary(kernels: dict[str, Any]) -> str:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats; writes nothing unless --out")
-    p.add_argument("--only", default="", help="comma-separated subset, e.g. P3,P4 (names: P1..P7, P1k)")
+    p.add_argument("--only", default="", help="comma-separated subset, e.g. P3,P4 (names: P1..P9, P1k)")
     p.add_argument("--out", type=Path, default=None, help="bench.json path (default experiments/results/bench.json)")
     p.add_argument("--readme", type=Path, default=ROOT / "experiments" / "README.md", help="README with the table")
     return p.parse_args(argv)

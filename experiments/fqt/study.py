@@ -16,7 +16,7 @@ Measured per arm: target-task validation accuracy (1,000 held-out images); on th
 batch of 128 target images, the per-layer relative gradient variance E‖ĝ−g‖²/‖g‖² of each quantized layer's weight
 gradient vs the exact (QAT) gradient over ``draws`` backward passes, the fraction of gradient groups kept and the
 average gradient bits (lightning_dbq.fqt.record_grad_stats); peak extra memory of one training step
-(experiments/fqt/memory.py, a subprocess per arm). Results: experiments/results/fqt/<arm>.json (resumable).
+(experiments/bench/memory_probe.py, a fresh process per arm). Results: experiments/results/fqt/<arm>.json (resumable).
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -194,13 +192,19 @@ def gradient_profile(module: Any, batch: tuple[torch.Tensor, torch.Tensor], grad
 
 
 def _memory(arm: Arm, recipe: dict[str, Any]) -> dict[str, Any]:
-    spec = {"model": MODELS[arm.model], "skip": SKIP[arm.model], "grad": METHODS[arm.method],
-            "optimizer": OPTIMIZERS[arm.optimizer][0], "batch_size": recipe["batch_size"]}  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "experiments.fqt.memory", json.dumps(spec)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=900)  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory probe failed: {proc.stderr[-2000:]}")
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    from experiments.bench.memory_probe import run_probe
+
+    return run_probe(
+        {
+            "model": MODELS[arm.model],
+            "num_classes": 5,
+            "bits": [1],
+            "weight_mode": "binary",
+            "skip": SKIP[arm.model],
+            "grad": METHODS[arm.method],
+            "batch_size": recipe["batch_size"],
+        }
+    )
 
 
 def run_arm(arm: Arm, recipe: dict[str, Any], smoke: bool) -> dict[str, Any]:
@@ -208,6 +212,7 @@ def run_arm(arm: Arm, recipe: dict[str, Any], smoke: bool) -> dict[str, Any]:
     import lightning.pytorch as pl
 
     from experiments.fqt.data import Batches, normalize
+    from lightning_dbq.training.loop import DivergenceError
 
     init = pretrain(arm.model, recipe, smoke)
     data = _split(recipe)
@@ -222,12 +227,16 @@ def run_arm(arm: Arm, recipe: dict[str, Any], smoke: bool) -> dict[str, Any]:
     trainer = _trainer(recipe["ft_epochs"], out)
     start = time.time()
     xv, yv = data["val"]
-    trainer.fit(module, Batches(x, y, recipe["batch_size"], True, seed=arm.seed), Batches(xv, yv, 250, False))
+    diverged = None
+    try:
+        trainer.fit(module, Batches(x, y, recipe["batch_size"], True, seed=arm.seed), Batches(xv, yv, 250, False))
+    except DivergenceError as e:  # an outcome of the arm (e.g. 1-bit PSQ on mobilenetv2), recorded, not hidden
+        diverged = str(e)
     fit_s = time.time() - start
-    acc = float(trainer.callback_metrics["val/acc_w1a1"])
+    acc = None if diverged else float(trainer.callback_metrics["val/acc_w1a1"])
     pre = json.loads((init.parent / "pretrain.json").read_text()) if (init.parent / "pretrain.json").is_file() else {}
     return {"arm": arm.name, **asdict(arm), "grad": grad, "optimizer_settings": OPTIMIZERS[arm.optimizer],
-            "val_acc": acc, "val_images": len(yv), "fit_s": round(fit_s, 1), "fresh_keys": fresh,
+            "val_acc": acc, "diverged": diverged, "val_images": len(yv), "fit_s": round(fit_s, 1), "fresh_keys": fresh,
             "pretrain": pre, "gradient": profile, "memory": _memory(arm, recipe), "recipe": recipe}  # fmt: skip
 
 
@@ -237,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", default="", help="comma-separated arm names (default: every arm)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, results under experiments/results/fqt/smoke")
     parser.add_argument("--force", action="store_true", help="re-run arms even if cached")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="re-measure only the step memory of cached arms (a fresh process each)")  # fmt: skip
     args = parser.parse_args(argv)
     recipe = SMOKE if args.smoke else RECIPE
     torch.set_num_threads(1)
@@ -247,6 +258,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown arm(s) {unknown}; known: {list(arms)}")
     for name in names:
         path = RESULTS / ("smoke" if args.smoke else "") / f"{name}.json"
+        if args.memory_only:
+            if path.is_file():
+                result = json.loads(path.read_text())
+                result["memory"] = _memory(arms[name], recipe)
+                path.write_text(json.dumps(result, indent=2))
+                print(f"[fqt-study] {name}: memory {result['memory']}", flush=True)
+            continue
         if path.is_file() and not args.force:
             print(f"[fqt-study] {name}: cached at {path.relative_to(ROOT)}")
             continue
@@ -255,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
         result.update({"device": "cpu (1 thread)", "elapsed_s": round(time.time() - start, 1)})
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2))
-        print(f"[fqt-study] {name}: val {100 * result['val_acc']:.2f} % in {result['elapsed_s']} s -> "
+        acc = "diverged" if result["val_acc"] is None else f"{100 * result['val_acc']:.2f} %"
+        print(f"[fqt-study] {name}: val {acc} in {result['elapsed_s']} s -> "
               f"{path.relative_to(ROOT)}", flush=True)  # fmt: skip
 
 

@@ -28,9 +28,11 @@ from lightning_dbq.fqt.config import GradQuantConfig
 from lightning_dbq.fqt.grad_quant import GRAD_METHODS
 from lightning_dbq.fqt.stats import record_estimate
 
-__all__ = ["fqt_conv", "fqt_linear", "quantize_conv_grad", "quantize_linear_grad"]
+__all__ = ["PROFILE_RANGE", "fqt_conv", "fqt_linear", "quantize_conv_grad", "quantize_linear_grad"]
 
 _IntOrSeq = int | Sequence[int]
+#: ``torch.profiler`` range around the gradient estimators of every FQT backward (the simulated quantization cost)
+PROFILE_RANGE = "dbq.fqt.quantize_grad"
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_INPUT = {1: nn_grad.conv1d_input, 2: nn_grad.conv2d_input, 3: nn_grad.conv3d_input}
 _CONV_WEIGHT = {1: nn_grad.conv1d_weight, 2: nn_grad.conv2d_weight, 3: nn_grad.conv3d_weight}
@@ -93,7 +95,8 @@ class _ConvFQT(torch.autograd.Function):
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, w = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gy_x, gy_w = quantize_conv_grad(gy, ctx.config, ctx.generator, need_x, need_w)
+        with torch.profiler.record_function(PROFILE_RANGE):
+            gy_x, gy_w = quantize_conv_grad(gy, ctx.config, ctx.generator, need_x, need_w)
         dims = w.dim() - 2
         gx = _CONV_INPUT[dims](x.shape, w, gy_x, *ctx.geometry) if need_x else None
         gw = _CONV_WEIGHT[dims](x, w.shape, gy_w, *ctx.geometry) if need_w else None
@@ -115,7 +118,8 @@ class _LinearFQT(torch.autograd.Function):
         x, w = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gy2 = gy.reshape(-1, gy.shape[-1])
-        gy_x, gy_w = quantize_linear_grad(gy2, ctx.config, ctx.generator, need_x, need_w)
+        with torch.profiler.record_function(PROFILE_RANGE):
+            gy_x, gy_w = quantize_linear_grad(gy2, ctx.config, ctx.generator, need_x, need_w)
         gx = (gy_x @ w).reshape(x.shape) if need_x else None
         gw = gy_w.t() @ x.reshape(-1, x.shape[-1]) if gy_w is not None else None
         gb = gy2.sum(0) if need_b else None

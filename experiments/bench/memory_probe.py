@@ -1,0 +1,99 @@
+"""Peak extra memory of one training step, measured in a fresh process (P8 and the FQT study use it).
+
+    python -m experiments.bench.memory_probe '{"model": "cifar_resnet20", "bits": [8, 6, 4, 2], "active_bits": 4}'
+
+Spec keys (all optional but ``model``): ``fp32`` (true: the unquantized model), ``bits``, ``active_bits``,
+``weight_mode``, ``skip``, ``kernel`` (``prepare`` options), ``grad`` (``enable_grad_quant`` settings, null: exact),
+``batch_size`` (128), ``image_size`` (32), ``num_classes`` (10), ``device`` (``cpu`` | ``cuda``).
+
+Prints one JSON line (MiB). CPU: the resident set before the first step (model, Adam, batch built, activation scales
+initialised) and the peak (``ru_maxrss``) over three steps; ``extra_mib`` is their difference: what the step itself
+needs (activations saved for backward, gradients, optimizer state, temporaries). CUDA: ``max_memory_allocated`` over
+the three steps minus ``memory_allocated`` before them. Random weights: memory does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["build", "measure", "run_probe"]
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def build(spec: dict[str, Any]) -> nn.Module:
+    """The model a spec describes (prepared, bits set, gradient quantization enabled as asked)."""
+    import lightning_dbq as dbq
+    from lightning_dbq.fqt import enable_grad_quant
+    from lightning_dbq.quant.factory import create_fp_model
+
+    net = create_fp_model(spec["model"], num_classes=spec.get("num_classes", 10))
+    if spec.get("fp32"):
+        return net
+    bits = spec.get("bits", [8, 6, 4, 2])
+    options = {k: spec[k] for k in ("weight_mode", "skip", "kernel") if k in spec}
+    net = dbq.prepare(net, bits=bits, **options)
+    dbq.set_bits(net, spec.get("active_bits", bits[-1]))
+    if spec.get("grad") is not None:
+        enable_grad_quant(net, spec["grad"])
+    return net
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Three training steps of :func:`build` ``(spec)``; the memory figures in MiB."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    device = torch.device(spec.get("device", "cpu"))
+    net = build(spec).to(device).train()
+    opt = torch.optim.Adam(net.parameters(), 1e-4)
+    n, size = spec.get("batch_size", 128), spec.get("image_size", 32)
+    x = torch.randn(n, 3, size, size, device=device)
+    y = torch.randint(0, spec.get("num_classes", 10), (n,), device=device)
+    with torch.no_grad():
+        net(x[:2])  # first-batch scale initialisation (and, for kernel=compile, the compilation) outside the steps
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
+        before = _rss_mib()
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"before_mib": round(before, 1), "peak_mib": round(peak, 1), "extra_mib": round(peak - before, 1),
+            "device": str(device)}  # fmt: skip
+
+
+def run_probe(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
+    """:func:`measure` in a fresh Python process (peak RSS is per process); raises with its stderr on failure."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench.memory_probe", json.dumps(spec)],
+                          capture_output=True, text=True, cwd=root, timeout=timeout)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe {spec} failed: {proc.stderr[-2000:]}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(json.loads(sys.argv[1]))))
