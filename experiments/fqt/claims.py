@@ -6,7 +6,8 @@ Writes experiments/results/fqt_claims.json, experiments/results/fqt_study.png an
 ``<!-- fqt:start -->`` and ``<!-- fqt:end -->`` in experiments/README.md. A claim is judged on the accuracy
 difference and its standard error (two independent binomial proportions on the same 1,000 validation images, so the
 SE is conservative): "holds" when the difference has the paper's sign and |diff| > 2 SE, "direction only" when the
-sign matches within noise, "does not hold" otherwise.
+sign matches within noise, "does not hold" otherwise. Pairs of a model whose 1-bit QAT ceiling (Adam) is within
+3 SE of chance (20 %, five classes) are left out of the claims: nothing there learned, so no comparison can show.
 """
 
 from __future__ import annotations
@@ -54,14 +55,23 @@ def _verdict(diffs: list[dict[str, Any]], paper_sign: int) -> str:
     return "direction only (within noise)" if mean * paper_sign > 0 else "does not hold"
 
 
+CHANCE = 0.2
+
+
+def informative(arms: dict[str, Any], model: str) -> bool:
+    """Whether ``model``'s 1-bit QAT arm (Adam) beats chance by more than 3 SE."""
+    ceiling = arms.get(f"{model}_qat_adam")
+    return bool(ceiling and ceiling["val_acc"] is not None and ceiling["val_acc"] - CHANCE > 3 * _se(ceiling))
+
+
 def claims(arms: dict[str, Any]) -> list[dict[str, Any]]:
     """The paper's claims and our comparisons, each with its pairs, mean difference and verdict."""
-    pairs = [(m, o) for m in ("r20", "mbv2") for o in OPT_LABELS]
+    pairs = [(m, o) for m in ("r20", "mbv2") if informative(arms, m) for o in OPT_LABELS]
     spec = [
         ("AGP+SCQ vs PSQ at 1 bit (paper: about +6 pt)", "agp", "psq1", +1, 6.0),
         ("1-bit FQT (AGP) vs 1-bit QAT (paper: about -5 pt)", "agp", "qat", -1, -5.0),
         ("biased top-K vs unbiased AGP (same bits and keep)", "topk", "agp", -1, None),
-        ("BHQ vs PSQ at 1 bit (StatQuant: lower variance)", "bhq1", "psq1", +1, None),
+        ("BHQ vs PSQ at 1 bit, accuracy (StatQuant: BHQ has the lower variance)", "bhq1", "psq1", +1, None),
         ("INT8 FQT (PSQ 8-bit) vs 1-bit QAT (StatQuant: near-lossless)", "psq8", "qat", -1, 0.0),
     ]
     out = []
@@ -79,14 +89,15 @@ def claims(arms: dict[str, Any]) -> list[dict[str, Any]]:
         best = f"best: {OPT_LABELS[max(accs, key=accs.__getitem__)]}" if accs else "not measured"
         out.append({"claim": f"optimizers, {LABELS[method]} (cifar_resnet20): accuracy per optimizer", "accs": accs,
                     "verdict": best})  # fmt: skip
-    gaps = {}
+    gaps: dict[str, float] = {}
     for o in OPT_LABELS:
-        d = _diff(arms, f"r20_agp_{o}", f"r20_qat_{o}")
-        if d is not None:
-            gaps[o] = d["diff_pt"]
-    out.append({"claim": "Adam tolerates 1-bit gradients better (the FQT - QAT gap per optimizer, cifar_resnet20)",
-                "gaps_pt": gaps, "verdict": ("holds" if gaps and max(gaps, key=gaps.__getitem__) == "adam"
-                                              else "does not hold" if gaps else "not measured")})  # fmt: skip
+        ds = [d["diff_pt"] for m in ("agp", "psq1") if (d := _diff(arms, f"r20_{m}_{o}", f"r20_qat_{o}")) is not None]
+        if ds:
+            gaps[o] = round(statistics.fmean(ds), 2)
+    out.append({"claim": "Adam tolerates 1-bit gradients best (FQT − QAT gap per optimizer, mean over AGP and "
+                         "PSQ-1, cifar_resnet20)", "gaps_pt": gaps,
+                "verdict": ("holds" if gaps and max(gaps, key=gaps.__getitem__) == "adam"
+                            else "does not hold" if gaps else "not measured")})  # fmt: skip
     return out
 
 
