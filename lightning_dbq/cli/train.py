@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lightning_dbq.cli._conf import config_dir
 from lightning_dbq.cli.schema import check_config_types
 from lightning_dbq.cli.validate import ConfigError, check_num_classes, validate_train_config
+from lightning_dbq.options import WEIGHT_MODES
 
 __all__ = ["main", "resolve_weight_mode", "train", "wandb_run_names"]
 
@@ -101,7 +102,7 @@ def resolve_weight_mode(cfg: DictConfig) -> None:
         return
     prepare = cfg.quant.get("prepare") or {}
     current = prepare.get("weight_mode")
-    if current not in (None, "double_round", mode):
+    if current not in (None, WEIGHT_MODES[0], mode):  # WEIGHT_MODES[0]: the default mode
         raise ConfigError(
             f"quant.weight_mode: got {mode!r} but quant.prepare.weight_mode is {current!r}; set one of the two "
             "(quant.weight_mode is a shorthand for quant.prepare.weight_mode)"
@@ -112,19 +113,21 @@ def resolve_weight_mode(cfg: DictConfig) -> None:
         cfg.quant.prepare.weight_mode = mode
 
 
-#: below this learning rate binary latent weights (init std ~0.1) rarely change sign in a short run
-BINARY_MIN_LR = 2e-3
+def _warn_low_lr(cfg: DictConfig) -> None:
+    """Warn when the weight mode declares a ``min_useful_lr`` above ``optim.lr`` (binary weights)."""
+    from lightning_dbq.quant.registry import weight_quantizer_class
 
-
-def _warn_binary_lr(cfg: DictConfig) -> None:
-    mode = (cfg.quant.get("prepare") or {}).get("weight_mode")
+    mode = (cfg.quant.get("prepare") or {}).get("weight_mode") or WEIGHT_MODES[0]
+    floor = weight_quantizer_class(mode).min_useful_lr
     lr = float(cfg.optim.lr)
-    if mode == "binary" and lr < BINARY_MIN_LR:
+    if floor is not None and lr < floor:
         log.warning(
-            "dbq-train: quant.prepare.weight_mode=binary with optim.lr=%g: binary weights only change where the "
-            "latent weight crosses its channel mean, which takes many steps at this rate (digits, 12 epochs: "
+            "dbq-train: quant.prepare.weight_mode=%s with optim.lr=%g (< %g): this mode's weights only change where "
+            "a latent weight crosses a threshold, which takes many steps at this rate (binary on digits, 12 epochs: "
             "19 %% val at lr 5e-4, 98 %% with 8-bit PSQ gradients at lr 1e-2); consider optim.lr=1e-2",
+            mode,
             lr,
+            floor,
         )
 
 
@@ -180,7 +183,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
     log.info("dbq-train: model %s, bits %s, data %s", cfg.model.name, list(cfg.quant.bits), cfg.data.get("_target_"))
-    _warn_binary_lr(cfg)
+    _warn_low_lr(cfg)
     if grad_quant_options(cfg) is not None:
         log.info("dbq-train: fully quantized training, gradients %s", grad_quant_options(cfg))
     pl.seed_everything(cfg.seed, workers=True)

@@ -86,6 +86,8 @@ class BinaryWeightQuantizer(WeightQuantizer):
     """
 
     min_code_bits = 1
+    #: latent weights (std ~0.1) only flip where they cross the channel mean: too few flips below this lr
+    min_useful_lr = 2e-3
     act_quantizer = BinaryActQuantizer
     alpha: Tensor
 

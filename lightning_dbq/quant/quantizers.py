@@ -122,6 +122,8 @@ class WeightQuantizer(nn.Module):
     has_codes: ClassVar[bool] = True
     #: the narrowest code width a stored layer may use
     min_code_bits: ClassVar[int] = MIN_BITS
+    #: learning rate below which short runs barely move this mode's weights (``dbq-train`` warns; ``None``: no floor)
+    min_useful_lr: ClassVar[float | None] = None
     #: mixed-precision SubNet search (:mod:`lightning_dbq.search`) applies to this mode
     subnet_search: ClassVar[bool] = False
     #: the activation quantizer class of this mode

@@ -16,7 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 from lightning_dbq.cli._conf import config_dir
-from lightning_dbq.cli.train import resolve_weight_mode, train, wandb_run_names
+from lightning_dbq.cli.train import _warn_low_lr, resolve_weight_mode, train, wandb_run_names
 from lightning_dbq.cli.validate import ConfigError, validate_train_config
 
 CONF = Path(config_dir())
@@ -134,6 +134,16 @@ def test_weight_mode_shorthand_sets_the_prepare_key(overrides: list[str], expect
     cfg = _compose(overrides)
     resolve_weight_mode(cfg)
     assert cfg.quant.prepare.weight_mode == expected
+
+
+@pytest.mark.parametrize(("mode", "lr", "warns"), [("binary", 5e-4, True), ("binary", 1e-2, False),
+                                                  ("double_round", 5e-4, False)])  # fmt: skip
+def test_low_lr_warning_comes_from_the_weight_mode(mode: str, lr: float, warns: bool, caplog) -> None:
+    cfg = _compose([f"quant.weight_mode={mode}", f"optim.lr={lr}"])
+    resolve_weight_mode(cfg)
+    with caplog.at_level("WARNING", logger="lightning_dbq.cli.train"):
+        _warn_low_lr(cfg)
+    assert ("consider optim.lr=1e-2" in caplog.text) is warns
 
 
 def test_validation_accepts_the_default_config() -> None:
