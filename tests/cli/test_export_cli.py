@@ -21,6 +21,7 @@ from lightning_dbq.cli.validate import ConfigError
 from lightning_dbq.data import SyntheticDataModule
 from lightning_dbq.quant.convert import freeze
 from lightning_dbq.search.pipeline import layer_names
+from tests.helpers.ort import ort_session
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -80,11 +81,7 @@ def served(tmp_path_factory) -> tuple[torch.nn.Module, Path, Path]:
     return make_served(tmp_path_factory.mktemp("served"))
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+_session = ort_session
 
 
 def test_onnx_export_runs_in_onnxruntime_and_matches_the_frozen_model(served, tmp_path: Path, report) -> None:

@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 
 from lightning_dbq.cli._conf import config_dir
 from lightning_dbq.cli.train import _warn_low_lr, resolve_weight_mode, train, wandb_run_names
 from lightning_dbq.cli.validate import ConfigError, validate_train_config
+from tests.helpers.hydra import compose_train
 
 CONF = Path(config_dir())
 TINY = [
@@ -52,15 +50,7 @@ def _wandb_name_and_group(job_dir: Path) -> tuple[str, str]:
     raise AssertionError(f"no run record in {path}")
 
 
-def _compose(overrides: list[str], output_dir: Path | None = None):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=output_dir is not None)
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-            del cfg["hydra"]
-    return cfg
+_compose = compose_train
 
 
 def _group_options() -> list[tuple[str, str]]:

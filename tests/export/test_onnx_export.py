@@ -21,6 +21,7 @@ import lightning_dbq.models  # noqa: E402, F401  (registers cifar_resnet20)
 from lightning_dbq.export import export_onnx  # noqa: E402
 from lightning_dbq.export.onnx import OnnxActQuant, _require_onnx  # noqa: E402
 from lightning_dbq.quant.convert import WEIGHT_SCALE_ATTR, FrozenActQuant, freeze  # noqa: E402
+from tests.helpers.ort import ort_session  # noqa: E402
 
 INTEGER_OPS = {"QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger"}
 
@@ -35,15 +36,7 @@ def resnet() -> nn.Module:
     return model.eval()
 
 
-def _session(path: Path, optimized: Path | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    if optimized is not None:
-        so.optimized_model_filepath = str(optimized)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+_session = ort_session
 
 
 def _tie_flip_fraction(frozen: nn.Module, x: torch.Tensor) -> tuple[float, int, int]:

@@ -26,6 +26,7 @@ import lightning_dbq.models  # noqa: E402, F401  (registers cifar_resnet20)
 from lightning_dbq.export import export_onnx  # noqa: E402
 from lightning_dbq.export.integer import calibrated_scale, integerize  # noqa: E402
 from lightning_dbq.quant.convert import WEIGHT_SCALE_ATTR, freeze  # noqa: E402
+from tests.helpers.ort import ort_session  # noqa: E402
 
 INTEGER_CONV = {"QLinearConv", "ConvInteger"}
 FLOAT_CONV = {"Conv", "FusedConv"}  # FusedConv: ORT's float Conv+activation; nchwc Conv keeps op_type "Conv"
@@ -41,17 +42,7 @@ def resnet() -> nn.Module:
     return model.eval()
 
 
-def _session(path: Path | bytes, optimized: Path | None = None, level: str = "all") -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }[level]
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    if optimized is not None:
-        so.optimized_model_filepath = str(optimized)
-    return ort.InferenceSession(str(path) if isinstance(path, Path) else path, so, providers=["CPUExecutionProvider"])
+_session = ort_session
 
 
 def _op_counts(path: Path) -> Counter[str]:

@@ -10,15 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 
-from lightning_dbq.cli._conf import config_dir
 from lightning_dbq.cli.schema import check_config_types
 from lightning_dbq.cli.train import grad_quant_options, train
 from lightning_dbq.cli.validate import ConfigError
 from lightning_dbq.fqt import GradQuantConfig, grad_quant_config
+from tests.helpers.hydra import compose_train
 
 TINY = [
     "data=synthetic", "data.num_samples=96", "data.image_size=8", "trainer.max_epochs=1", "logger=none",
@@ -31,15 +28,7 @@ AGP = [
 ]  # the command: a method turns FQT on
 
 
-def _compose(overrides: list[str], output_dir: Path | None = None):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=output_dir is not None)
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-            del cfg["hydra"]
-    return cfg
+_compose = compose_train
 
 
 @pytest.mark.parametrize("quant", ["multi", "low"])
