@@ -55,6 +55,12 @@ def study_arms() -> list[Arm]:
         arms.append(Arm(f"dr_8642_noalrs_s{seed}", ("quant.bits=[8,6,4,2]", "quant.alrs=off"), seed))
         arms.append(Arm(f"floor_8642_s{seed}", ("quant.bits=[8,6,4,2]", "quant.prepare.weight_mode=floor"), seed))
     arms.append(Arm("dr_432", ("quant.bits=[4,3,2]",)))
+    # Compute-matched LSQ: one bit-width per run for 20 epochs = the DR arm's 5 epochs x 4 bit-widths per step.
+    arms += [Arm(f"lsq_w{b}_e20", (f"quant.bits=[{b}]", "trainer.max_epochs=20")) for b in (2, 4, 8)]
+    # ALRS vs no ALRS on three more seeds (paired by seed; seeds 0 and 1 are above).
+    for seed in (2, 3, 4):
+        arms.append(Arm(f"dr_8642_alrs_s{seed}", ("quant.bits=[8,6,4,2]", "quant.alrs=paper"), seed))
+        arms.append(Arm(f"dr_8642_noalrs_s{seed}", ("quant.bits=[8,6,4,2]", "quant.alrs=off"), seed))
     # Both mixed arms start from the DR {8,6,4,2} model; the HASB arm computes the Hessian traces of that starting
     # model (8-16 Hutchinson samples on 1,000 images) and the uniform arm's SubNet search reuses them, so the two
     # fronts differ only by how the SuperNet was trained.
@@ -151,15 +157,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="fake-quant back-end (quant.prepare.kernel; recorded in the result). Forward values are "
                              "identical for every back-end; 'compile' is the fastest, but Hessian traces (mixed arms) "
                              "need 'fused' or 'eager'")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: two arms can run side by side)")
     args = parser.parse_args(argv)
     recipe = SMOKE if args.smoke else RECIPE
-    torch.set_num_threads(1 if not torch.cuda.is_available() else torch.get_num_threads())
+    torch.set_num_threads(args.threads if not torch.cuda.is_available() else torch.get_num_threads())
     arms = {a.name: a for a in study_arms()}
     names = [n for n in args.arms.split(",") if n] or list(arms)
     unknown = sorted(set(names) - set(arms))
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; known: {list(arms)}")
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (1 thread)"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({args.threads} thread(s))"
     for name in names:
         path = _result_path(name, args.smoke)
         if path.is_file() and not args.force:
