@@ -92,6 +92,44 @@ def _pct(v: float | None) -> str:
     return "pending" if v is None else f"{v:.2f}"
 
 
+ALRS_SEEDS = (0, 1, 2, 3, 4)
+
+
+def paired_stats(diffs: list[float]) -> tuple[float, float, float | None]:
+    """Mean and sample std of paired differences and the two-sided paired t-test p-value (``None`` below 2 pairs)."""
+    import numpy as np
+    from scipy import stats
+
+    d = np.asarray(diffs, dtype=float)
+    mean = float(d.mean())
+    if d.size < 2:
+        return mean, float("nan"), None
+    std = float(d.std(ddof=1))
+    if std == 0.0:
+        return mean, std, 0.0 if mean != 0.0 else 1.0
+    t = mean / (std / np.sqrt(d.size))
+    return mean, std, float(2 * stats.t.sf(abs(t), df=d.size - 1))
+
+
+def _alrs_paired_row() -> str:
+    """ALRS − no ALRS at w2a2 over every seed where both arms are cached: mean ± std, paired t-test."""
+    diffs, a_vals, b_vals = [], [], []
+    for seed in ALRS_SEEDS:
+        a, b = _acc([f"dr_8642_alrs_s{seed}"], "w2a2"), _acc([f"dr_8642_noalrs_s{seed}"], "w2a2")
+        if a is not None and b is not None:
+            diffs.append(a - b)
+            a_vals.append(a)
+            b_vals.append(b)
+    what = f"ALRS vs no ALRS, w2a2, {len(diffs)} paired seeds: mean ± std of the difference, paired t-test"
+    if not diffs:
+        return f"| {what} | pending | pending | | - | pending |"
+    mean, std, p = paired_stats(diffs)
+    a, b = sum(a_vals) / len(a_vals), sum(b_vals) / len(b_vals)
+    p_txt = "n/a" if p is None else f"{p:.2f}"
+    verdict = "(reported)" if p is None else ("differs (p < 0.05)" if p < 0.05 else "no detectable effect")
+    return f"| {what} | {a:.2f} | {b:.2f} | {mean:+.2f} ± {std:.2f} (p = {p_txt}) | - | {verdict} |"
+
+
 def _claims() -> list[str]:
     dr = ["dr_8642_alrs_s0", "dr_8642_alrs_s1"]
     rows = ["| claim | ours | baseline | difference (pt) | target | verdict |", "|---|---|---|---|---|---|"]
@@ -103,11 +141,15 @@ def _claims() -> list[str]:
                            _acc([f"floor_8642_s{seed}"], "w2a2"), 0.0, strict=True))  # fmt: skip
     label, a, b = _paired(dr, ["floor_8642_s0", "floor_8642_s1"], "w2a2")
     rows.append(_claim(f"DR vs floor nesting, w2a2, {label}", a, b, 0.0, strict=True))
-    for seed in (0, 1):
-        rows.append(_claim(f"ALRS vs no ALRS, w2a2, seed {seed}", _acc([dr[seed]], "w2a2"),
+    dr_all = [f"dr_8642_alrs_s{s}" for s in ALRS_SEEDS]
+    for b, tol in (("w8a8", -0.5), ("w4a4", -0.5), ("w2a2", -2.0)):
+        rows.append(_claim(f"DR vs LSQ at equal compute, {b}: DR 5 epochs x 4 bits ({_seeds(dr_all)}) vs LSQ {b[1]} "
+                           "bits alone for 20 epochs (1 seed)", _acc(dr_all, b), _acc([f"lsq_w{b[1]}_e20"], b),
+                           tol))  # fmt: skip
+    for seed in ALRS_SEEDS:
+        rows.append(_claim(f"ALRS vs no ALRS, w2a2, seed {seed}", _acc([f"dr_8642_alrs_s{seed}"], "w2a2"),
                            _acc([f"dr_8642_noalrs_s{seed}"], "w2a2"), None))  # fmt: skip
-    label, a, b = _paired(dr, ["dr_8642_noalrs_s0", "dr_8642_noalrs_s1"], "w2a2")
-    rows.append(_claim(f"ALRS vs no ALRS, w2a2, {label}", a, b, None))
+    rows.append(_alrs_paired_row())
     for budget in (3.0, 4.0):
         rows.append(_claim(f"HASB vs uniform sampling, SubNet at {budget:.0f} average bits",
                            _front("mixed_hasb", budget), _front("mixed_uniform", budget), None))  # fmt: skip
@@ -117,8 +159,9 @@ def _claims() -> list[str]:
 FIGURE = RESULTS / "cifar10_study.png"
 _GROUPS = {
     "LSQ, one model per bit": ["lsq_w8", "lsq_w6", "lsq_w4", "lsq_w2"],
-    "DR {8,6,4,2} + ALRS": ["dr_8642_alrs_s0", "dr_8642_alrs_s1"],
-    "DR {8,6,4,2}, no ALRS": ["dr_8642_noalrs_s0", "dr_8642_noalrs_s1"],
+    "LSQ, one model per bit, 20 epochs (equal compute)": ["lsq_w8_e20", "lsq_w4_e20", "lsq_w2_e20"],
+    "DR {8,6,4,2} + ALRS": [f"dr_8642_alrs_s{s}" for s in (0, 1, 2, 3, 4)],
+    "DR {8,6,4,2}, no ALRS": [f"dr_8642_noalrs_s{s}" for s in (0, 1, 2, 3, 4)],
     "floor nesting {8,6,4,2}": ["floor_8642_s0", "floor_8642_s1"],
     "DR {4,3,2}": ["dr_432"],
 }

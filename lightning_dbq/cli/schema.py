@@ -101,6 +101,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.scheduler": _enum(SCHEDULERS),
     "optim.lr": _num(0.0, lo_open=True),
     "optim.scale_lr": _optional(_num(0.0)),
+    "optim.latent_lr": _optional(_num(0.0, lo_open=True)),
     "optim.weight_decay": _num(0.0),
     "optim.momentum": _num(0.0, 1.0),
     "optim.label_smoothing": _num(0.0, 1.0),

@@ -114,19 +114,26 @@ def resolve_weight_mode(cfg: DictConfig) -> None:
 
 
 def _warn_low_lr(cfg: DictConfig) -> None:
-    """Warn when the weight mode declares a ``min_useful_lr`` above ``optim.lr`` (binary weights)."""
+    """Log the latent-weight learning rate of a mode with a floor (binary), and warn when it is set below the floor."""
     from lightning_dbq.quant.registry import weight_quantizer_class
 
     mode = (cfg.quant.get("prepare") or {}).get("weight_mode") or WEIGHT_MODES[0]
     floor = weight_quantizer_class(mode).min_useful_lr
+    if floor is None:
+        return
     lr = float(cfg.optim.lr)
-    if floor is not None and lr < floor:
+    latent = cfg.optim.get("latent_lr")
+    if latent is None:
+        log.info("dbq-train: weight_mode=%s latent weights train at lr %g = max(optim.lr, %g) (optim.latent_lr sets "
+                 "it)", mode, max(lr, floor), floor)  # fmt: skip
+    elif float(latent) < floor:
         log.warning(
-            "dbq-train: quant.prepare.weight_mode=%s with optim.lr=%g (< %g): this mode's weights only change where "
-            "a latent weight crosses a threshold, which takes many steps at this rate (binary on digits, 12 epochs: "
-            "19 %% val at lr 5e-4, 98 %% with 8-bit PSQ gradients at lr 1e-2); consider optim.lr=1e-2",
+            "dbq-train: weight_mode=%s with optim.latent_lr=%g (< %g): this mode's weights only change where a "
+            "latent weight crosses a threshold, which takes many steps at this rate (binary on digits, 12 epochs: "
+            "19 %% val at lr 5e-4 with exact gradients); consider optim.latent_lr=null (%g)",
             mode,
-            lr,
+            float(latent),
+            floor,
             floor,
         )
 

@@ -86,8 +86,9 @@ class BinaryWeightQuantizer(WeightQuantizer):
     """
 
     min_code_bits = 1
-    #: latent weights (std ~0.1) only flip where they cross the channel mean: too few flips below this lr
-    min_useful_lr = 2e-3
+    #: latent weights (std ~0.1) only flip where they cross the channel mean; Adam moves each by about lr per step,
+    #: so at lr 5e-4 a 12-epoch digits run flips almost nothing: latent weights train at max(lr, this) by default
+    min_useful_lr = 1e-2
     act_quantizer = BinaryActQuantizer
     alpha: Tensor
 

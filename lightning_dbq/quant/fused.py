@@ -20,9 +20,9 @@ products through fused layers work (``lightning_dbq.search.hessian``).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,13 +31,11 @@ from lightning_dbq.quant.functional import MAX_BITS, MIN_BITS, _check_bits, qran
 __all__ = ["fused_double_round_fake", "fused_lsq_fake"]
 
 
-@functools.lru_cache(maxsize=256)
 def _inner(lo: float, hi: float) -> tuple[float, float]:
     """The float32 neighbours just inside ``[lo, hi]``: clamping to them and comparing gives the *strict* mask
     ``lo < v < hi`` in one pass, and they round (half up) to the same integers ``lo`` / ``hi``."""
-    b = torch.tensor([lo, hi], dtype=torch.float32)
-    inner = torch.nextafter(b, torch.tensor([hi, lo], dtype=torch.float32))
-    return float(inner[0]), float(inner[1])
+    lo32, hi32 = np.float32(lo), np.float32(hi)  # plain NumPy scalars: no tensor, no graph break under dynamo
+    return float(np.nextafter(lo32, hi32)), float(np.nextafter(hi32, lo32))
 
 
 class _FakeQuant(torch.autograd.Function):

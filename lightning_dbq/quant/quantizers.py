@@ -122,7 +122,8 @@ class WeightQuantizer(nn.Module):
     has_codes: ClassVar[bool] = True
     #: the narrowest code width a stored layer may use
     min_code_bits: ClassVar[int] = MIN_BITS
-    #: learning rate below which short runs barely move this mode's weights (``dbq-train`` warns; ``None``: no floor)
+    #: learning-rate floor of this mode's latent weights (``param_groups`` trains them at ``max(lr, floor)``;
+    #: ``None``: no floor, the weights train at ``lr``)
     min_useful_lr: ClassVar[float | None] = None
     #: mixed-precision SubNet search (:mod:`lightning_dbq.search`) applies to this mode
     subnet_search: ClassVar[bool] = False

@@ -31,6 +31,7 @@ __all__ = [
     "alrs_factor",
     "classify_params",
     "eq6_factor",
+    "latent_weight_lrs",
     "param_groups",
     "scaled_scale_lr",
 ]
@@ -89,28 +90,56 @@ def classify_params(model: nn.Module) -> tuple[dict[int, str], dict[int, str]]:
     return kinds, layer_of
 
 
+def latent_weight_lrs(model: nn.Module, lr: float, latent_lr: float | None = None) -> dict[int, float]:
+    """Learning rates of latent weights whose mode declares a floor, by parameter ``id``.
+
+    A weight mode whose quantizer class sets ``min_useful_lr`` (binary: its weights only change where a latent
+    weight crosses the channel mean) trains each quantized layer's ``weight`` at ``latent_lr`` when given, else at
+    ``max(lr, min_useful_lr)``. Layers of other modes are absent (they train at ``lr``).
+    """
+    out: dict[int, float] = {}
+    for q in iter_quantizers(model):
+        floor = type(q.weight_quant).min_useful_lr
+        weight = getattr(q.layer, "weight", None)
+        if floor is None or not isinstance(weight, nn.Parameter) or not weight.requires_grad:
+            continue
+        out[id(weight)] = float(latent_lr) if latent_lr is not None else max(lr, floor)
+    return out
+
+
 def param_groups(
     model: nn.Module,
     lr: float,
     weight_decay: float = 0.0,
     scale_lr: float | None = None,
     scale_weight_decay: float = 0.0,
+    latent_lr: float | None = None,
 ) -> list[dict[str, Any]]:
     """Optimizer param groups for a prepared model, for use inside ``configure_optimizers``.
 
     Groups (each tagged with ``dbq_group``): ``weights`` (every non-quantizer parameter, with ``weight_decay``),
     ``weight_scales`` (the shared Double Rounding scales, ONE GROUP PER LAYER tagged ``dbq_layer`` so ALRS can key
     on each layer's bits in mixed precision) and ``act_scales`` (per-bit activation scales); scale groups use
-    ``scale_weight_decay`` (default 0) and ``scale_lr`` (default ``lr``). Build schedulers *after* this (LambdaLR /
-    OneCycleLR / cosine all work because the groups exist before the scheduler).
+    ``scale_weight_decay`` (default 0) and ``scale_lr`` (default ``lr``). Weights of modes with a learning-rate
+    floor (binary) form ``latent_weights`` groups, one per learning rate (:func:`latent_weight_lrs`; ``latent_lr``
+    sets it explicitly), with ``weight_decay``. Build schedulers *after* this (LambdaLR / OneCycleLR / cosine all
+    work because the groups exist before the scheduler).
     """
     kinds, layer_of = classify_params(model)
+    latent = latent_weight_lrs(model, lr, latent_lr)
     buckets: dict[str, list[nn.Parameter]] = {"weights": [], "weight_scales": [], "act_scales": []}
+    by_lr: dict[float, list[nn.Parameter]] = {}
     for p in model.parameters():
-        if p.requires_grad:
-            buckets["weights" if kinds.get(id(p), "weights") == "norms" else kinds.get(id(p), "weights")].append(p)
+        if not p.requires_grad:
+            continue
+        if id(p) in latent:
+            by_lr.setdefault(latent[id(p)], []).append(p)
+            continue
+        buckets["weights" if kinds.get(id(p), "weights") == "norms" else kinds.get(id(p), "weights")].append(p)
     s_lr = lr if scale_lr is None else scale_lr
     groups = [{"params": buckets["weights"], "lr": lr, "weight_decay": weight_decay, GROUP_KEY: "weights"}]
+    groups += [{"params": ps, "lr": g_lr, "weight_decay": weight_decay, GROUP_KEY: "latent_weights"}
+               for g_lr, ps in by_lr.items()]  # fmt: skip
     per_layer: dict[str, list[nn.Parameter]] = {}
     for p in buckets["weight_scales"]:
         per_layer.setdefault(layer_of[id(p)], []).append(p)

@@ -50,6 +50,8 @@ class DBQModule(pl.LightningModule):
         kd: progressive in-place distillation; ``kd_weight`` scales the KD term.
         optimizer: ``adam`` | ``adamw`` | ``sgd``; ``lr``, ``weight_decay``, ``momentum`` (SGD).
         scale_lr: learning rate of the quantization scales (default: ``lr``).
+        latent_lr: learning rate of the latent weights of modes with a floor (binary); default
+            ``max(lr, min_useful_lr)`` of the mode (binary: 1e-2). Other modes ignore it.
         scheduler: ``cosine`` (per step, over the whole fit) | ``onecycle`` | ``none``.
         label_smoothing: cross-entropy label smoothing.
         init_checkpoint: optional path of a Lightning checkpoint or FP32 state dict to initialise weights from
@@ -81,6 +83,7 @@ class DBQModule(pl.LightningModule):
         weight_decay: float = 5e-5,
         momentum: float = 0.9,
         scale_lr: float | None = None,
+        latent_lr: float | None = None,
         scheduler: str = "cosine",
         label_smoothing: float = 0.0,
         init_checkpoint: str | None = None,
@@ -96,6 +99,8 @@ class DBQModule(pl.LightningModule):
         bits = validate_bits(bits, "bits")
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if latent_lr is not None and not latent_lr > 0:
+            raise ValueError(f"latent_lr must be > 0 (or None: the weight mode's floor), got {latent_lr!r}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
         if isinstance(model, str):
@@ -202,7 +207,8 @@ class DBQModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         """Paper defaults: Adam(lr 5e-4, wd 5e-5) + cosine over the whole fit; scales in their own groups (ALRS)."""
         hp = self.hparams_any
-        groups = param_groups(self.model, lr=hp.lr, weight_decay=hp.weight_decay, scale_lr=hp.scale_lr)
+        groups = param_groups(self.model, lr=hp.lr, weight_decay=hp.weight_decay, scale_lr=hp.scale_lr,
+                              latent_lr=hp.get("latent_lr"))  # fmt: skip
         opt: torch.optim.Optimizer
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0)

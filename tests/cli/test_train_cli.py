@@ -126,14 +126,22 @@ def test_weight_mode_shorthand_sets_the_prepare_key(overrides: list[str], expect
     assert cfg.quant.prepare.weight_mode == expected
 
 
-@pytest.mark.parametrize(("mode", "lr", "warns"), [("binary", 5e-4, True), ("binary", 1e-2, False),
-                                                  ("double_round", 5e-4, False)])  # fmt: skip
-def test_low_lr_warning_comes_from_the_weight_mode(mode: str, lr: float, warns: bool, caplog) -> None:
-    cfg = _compose([f"quant.weight_mode={mode}", f"optim.lr={lr}"])
+@pytest.mark.parametrize(("mode", "latent", "level", "text"),
+                         [("binary", None, "INFO", "latent weights train at lr 0.01"),
+                          ("binary", 1e-3, "WARNING", "consider optim.latent_lr=null"),
+                          ("binary", 2e-2, "WARNING", None), ("double_round", None, "INFO", None)])  # fmt: skip
+def test_latent_lr_message_comes_from_the_weight_mode(mode: str, latent: float | None, level: str, text: str | None,
+                                                      caplog) -> None:  # fmt: skip
+    cfg = _compose(
+        [f"quant.weight_mode={mode}", "optim.lr=5e-4", f"optim.latent_lr={'null' if latent is None else latent}"]
+    )
     resolve_weight_mode(cfg)
-    with caplog.at_level("WARNING", logger="lightning_dbq.cli.train"):
+    with caplog.at_level(level, logger="lightning_dbq.cli.train"):
         _warn_low_lr(cfg)
-    assert ("consider optim.lr=1e-2" in caplog.text) is warns
+    if text is None:
+        assert "latent" not in caplog.text
+    else:
+        assert text in caplog.text and all(r.levelname == level for r in caplog.records)
 
 
 def test_validation_accepts_the_default_config() -> None:

@@ -195,3 +195,22 @@ def test_compiled_kernels_match_eager() -> None:
         set_bits(unshared, bits)
         set_bits(unshared_c, bits)
         assert torch.equal(unshared(inp), unshared_c(inp))
+
+
+def test_whole_model_capture_of_fused_layers_has_no_graph_break() -> None:
+    """``torch.compile(model, fullgraph=True)`` raises on any graph break (a ``float(tensor)`` in a kernel was one
+    per quantizer); the "eager" backend keeps the check fast and free of a C++ toolchain."""
+    torch.manual_seed(0)
+    model = prepare(TinyNet(), bits=[8, 4, 2])
+    x = torch.randn(4, 3, 8, 8)
+    model(x)
+    set_bits(model, 4)
+    reference = copy.deepcopy(model)
+    out = torch.compile(model, fullgraph=True, backend="eager")(x)
+    out.sum().backward()
+    ref = reference(x)
+    ref.sum().backward()
+    assert torch.equal(out.detach(), ref.detach())
+    grads = [(p.grad, q.grad) for p, q in zip(model.parameters(), reference.parameters(), strict=True)]
+    assert sum(g is not None for g, _ in grads) >= 6 and all((g is None) == (r is None) for g, r in grads)
+    assert all(torch.allclose(g, r, atol=1e-6) for g, r in grads if g is not None and r is not None)

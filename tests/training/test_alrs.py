@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import lightning_dbq as dbq
+from lightning_dbq.quant.layers import iter_quantizers
 from lightning_dbq.training.alrs import GROUP_KEY, alrs_factor, eq6_factor, param_groups, scaled_scale_lr
 from lightning_dbq.training.distill import kd_loss
 from tests.helpers.tiny import TinyNet
@@ -55,6 +56,25 @@ def test_param_groups_partition_parameters() -> None:
     assert by_tag["weight_scales"]["weight_decay"] == 0.0 and by_tag["weight_scales"]["lr"] == 1e-4
     assert [g["dbq_layer"] for g in groups if g[GROUP_KEY] == "weight_scales"] == ["conv2", "conv3"]
     assert by_tag["weights"]["weight_decay"] == 5e-5
+
+
+@pytest.mark.parametrize(("lr", "latent_lr", "expected"), [(5e-4, None, 1e-2), (5e-2, None, 5e-2), (5e-4, 3e-3, 3e-3)])
+def test_binary_latent_weights_get_their_floor(lr: float, latent_lr: float | None, expected: float) -> None:
+    model = dbq.prepare(TinyNet(), bits=[1], weight_mode="binary")
+    model(torch.randn(2, 3, 8, 8))
+    groups = param_groups(model, lr=lr, weight_decay=5e-5, latent_lr=latent_lr)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len([p for p in model.parameters() if p.requires_grad])
+    latent = [g for g in groups if g[GROUP_KEY] == "latent_weights"]
+    assert len(latent) == 1 and latent[0]["lr"] == expected and latent[0]["weight_decay"] == 5e-5
+    quantized = {id(q.layer.weight) for q in iter_quantizers(model)}
+    assert {id(p) for p in latent[0]["params"]} == quantized and quantized
+    assert next(g for g in groups if g[GROUP_KEY] == "weights")["lr"] == lr  # biases, norms, FP layers: lr
+
+
+def test_multi_bit_modes_have_no_latent_group() -> None:
+    groups = param_groups(_prepared(), lr=1e-3, latent_lr=1e-1)
+    assert "latent_weights" not in {g[GROUP_KEY] for g in groups}
 
 
 @pytest.mark.parametrize("kind", ["lambda", "onecycle", "cosine"])
