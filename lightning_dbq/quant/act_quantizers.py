@@ -44,7 +44,8 @@ class ActQuantizer(nn.Module):
 
     Args:
         bits: candidate bits, any order.
-        kernel: fake-quant back-end, ``"fused"`` | ``"eager"`` | ``"compile"`` (:mod:`lightning_dbq.quant.kernels`).
+        kernel: fake-quant back-end, ``"fused"`` | ``"eager"`` | ``"compile"`` | ``"auto"``
+            (:mod:`lightning_dbq.quant.kernels`).
     """
 
     initialized: Tensor
@@ -122,7 +123,7 @@ class ActQuantizer(nn.Module):
     def _quantize(self, x: Tensor, scale: Tensor, bits: int, signed: bool) -> Tensor:
         """LSQ fake-quant of ``x`` at ``bits`` with the positive ``scale`` (the kernel back-end's ``lsq``)."""
         g = lsq_grad_scale(max(x[0].numel(), 1), qrange(bits, signed)[1])
-        return kernels(self.kernel).lsq(x, scale, bits, signed, g)
+        return kernels(self.kernel, x.device.type).lsq(x, scale, bits, signed, g)
 
     def frozen(self) -> nn.Module:
         """The fixed module computing this quantizer's forward at its active bits (:func:`~lightning_dbq.freeze`)."""

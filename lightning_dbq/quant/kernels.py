@@ -6,6 +6,10 @@
   CPU, Triton on GPU; the first steps pay a one-off compile of ~30 s). Weights are passed flattened, because
   dynamo keeps the shapes of ``nn.Parameter`` inputs static and would otherwise recompile for every layer shape
   until its recompile limit.
+* ``"auto"``: ``"compile"`` where it works on the input's device type, else ``"fused"``. Decided once per device
+  type by compiling and running a tiny probe the first time an ``"auto"`` quantizer runs eagerly (a choice made
+  inside a ``torch.compile`` trace uses ``"fused"`` and is not cached); the choice and its reason are logged at
+  INFO (:func:`auto_choice` returns them).
 
 All three give the same forward values bit for bit; gradients agree up to float32 summation order. The floor
 nesting baseline (``weight_mode="floor"``) and binary weights and activations (``weight_mode="binary"``) always run
@@ -15,15 +19,19 @@ eagerly.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from lightning_dbq.quant.functional import double_round_fake, lsq_fake
 from lightning_dbq.quant.fused import fused_double_round_fake, fused_lsq_fake
 
-__all__ = ["KERNELS", "Kernels", "check_kernel", "kernels"]
+__all__ = ["KERNELS", "Kernels", "auto_choice", "check_kernel", "kernels"]
+
+log = logging.getLogger(__name__)
 
 from lightning_dbq.options import KERNELS  # noqa: E402
 
@@ -66,10 +74,46 @@ def _compiled() -> Kernels:
 _STATIC = {"fused": Kernels(fused_lsq_fake, fused_double_round_fake), "eager": Kernels(lsq_fake, double_round_fake)}
 
 
-def kernels(kernel: str) -> Kernels:
-    """The functions of back-end ``kernel`` (``"compile"`` builds its compiled functions on first use)."""
+_AUTO: dict[str, tuple[str, str]] = {}
+
+
+def _probe_compile(device_type: str) -> tuple[str, str]:
+    """``("compile", reason)`` when a tiny compiled fake-quant builds, runs and matches eager on ``device_type``,
+    else ``("fused", reason)``."""
+    try:
+        x = torch.linspace(-2.0, 2.0, 64, device=device_type)
+        s = torch.tensor(0.05, device=device_type)
+        got = torch.compile(lsq_fake, dynamic=True)(x, s, 4, True, 1.0)
+        if not torch.equal(got, lsq_fake(x, s, 4, True, 1.0)):
+            return "fused", f"a compiled probe on {device_type} disagreed with eager"
+    except Exception as err:  # noqa: BLE001  any failure (no C++ compiler, no Triton, ...) means: do not compile
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return "fused", f"torch.compile does not work on {device_type}: {type(err).__name__}: {first[:200]}"
+    backend = "Triton" if device_type == "cuda" else "a C++ toolchain" if device_type == "cpu" else "Inductor"
+    return "compile", f"torch.compile built and ran a probe on {device_type} ({backend} works)"
+
+
+def auto_choice(device_type: str = "cpu") -> tuple[str, str]:
+    """The back-end ``"auto"`` uses on ``device_type`` and why (probed and logged once per device type)."""
+    if device_type not in _AUTO:
+        _AUTO[device_type] = _probe_compile(device_type)
+        log.info("kernel='auto' on %s: %s (%s)", device_type, *_AUTO[device_type])
+    return _AUTO[device_type]
+
+
+def kernels(kernel: str, device_type: str = "cpu") -> Kernels:
+    """The functions of back-end ``kernel`` (``"compile"`` builds its compiled functions on first use; ``"auto"``
+    resolves for ``device_type``, see the module docstring)."""
     found = _STATIC.get(kernel)
     if found is not None:
         return found
     check_kernel(kernel)
+    if kernel == "auto":
+        chosen = _AUTO.get(device_type)
+        if chosen is None:
+            if torch.compiler.is_compiling():  # never probe inside someone's trace
+                return _STATIC["fused"]
+            chosen = auto_choice(device_type)
+        if chosen[0] != "compile":
+            return _STATIC[chosen[0]]
     return _compiled()

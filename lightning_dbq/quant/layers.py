@@ -157,7 +157,8 @@ def make_quant_layer(
         quantize_input: add a per-bit activation quantizer on the layer's input.
         weight_mode: a registered mode (:mod:`lightning_dbq.quant.registry`): its weight quantizer class and the
             activation quantizer class that goes with it.
-        kernel: fake-quant back-end ``"fused"`` | ``"eager"`` | ``"compile"`` (:mod:`lightning_dbq.quant.kernels`).
+        kernel: fake-quant back-end ``"fused"`` | ``"eager"`` | ``"compile"`` | ``"auto"``
+            (:mod:`lightning_dbq.quant.kernels`).
 
     Raises:
         TypeError: when the module type is not supported.

@@ -281,7 +281,8 @@ def set_bits(model: nn.Module, bits: int | Mapping[str, int]) -> nn.Module:
 
 
 def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
-    """Choose the fake-quant back-end of every quantizer: ``"fused"`` (default), ``"eager"`` or ``"compile"``.
+    """Choose the fake-quant back-end of every quantizer: ``"fused"`` (default), ``"eager"``, ``"compile"`` or
+    ``"auto"`` (``"compile"`` where a probe compiles on the input's device, else ``"fused"``; logged).
 
     A run-time choice (not stored in the spec or in artifacts): every back-end computes the same forward values,
     see :mod:`lightning_dbq.quant.kernels`.

@@ -113,7 +113,8 @@ class WeightQuantizer(nn.Module):
         per_channel: one scale per output channel (dim 0) instead of one per tensor.
         mode: the registered ``weight_mode`` to build (only when calling ``WeightQuantizer`` itself; a subclass
             accepts its own mode or ``None``).
-        kernel: fake-quant back-end, ``"fused"`` | ``"eager"`` | ``"compile"`` (:mod:`lightning_dbq.quant.kernels`).
+        kernel: fake-quant back-end, ``"fused"`` | ``"eager"`` | ``"compile"`` | ``"auto"``
+            (:mod:`lightning_dbq.quant.kernels`).
     """
 
     #: the registered name (set by :func:`~lightning_dbq.quant.registry.register_weight_quantizer`)
@@ -365,7 +366,9 @@ class DoubleRoundWeightQuantizer(_SharedScaleWeightQuantizer):
 
     def _fake_quant(self, w: Tensor) -> Tensor:
         s = self.effective_scale()
-        return kernels(self.kernel).double_round(w, s, self.high_bits, self.active_bits, self._grad_scale(w, s))
+        return kernels(self.kernel, w.device.type).double_round(
+            w, s, self.high_bits, self.active_bits, self._grad_scale(w, s)
+        )
 
     @classmethod
     def nest_codes(cls, q_high: Tensor, high_bits: int, bits: int) -> Tensor:
@@ -436,4 +439,4 @@ class UnsharedWeightQuantizer(WeightQuantizer):
     def _fake_quant(self, w: Tensor) -> Tensor:
         s = self.effective_scale()
         g = lsq_grad_scale(w.numel() // s.numel(), qrange(self.active_bits, signed=True)[1])
-        return kernels(self.kernel).lsq(w, s, self.active_bits, True, g)
+        return kernels(self.kernel, w.device.type).lsq(w, s, self.active_bits, True, g)

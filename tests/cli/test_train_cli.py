@@ -100,7 +100,10 @@ def test_train_writes_results_json_artifact_and_plot(tmp_path: Path) -> None:
         (["+model.num_classes=7"], "model.num_classes: 7 does not match the data's 4 classes"),
         (["quant.algorithm=A3"], r"quant.algorithm: got 'A3'; allowed: \['A2', 'A1'\]"),
         (["optim.optimizer=lion"], "optim.optimizer: got 'lion'"),
-        (["quant.prepare.kernel=cuda"], r"quant.prepare.kernel: got 'cuda'; allowed: \['fused', 'eager', 'compile'\]"),
+        (
+            ["quant.prepare.kernel=cuda"],
+            r"quant.prepare.kernel: got 'cuda'; allowed: \['fused', 'eager', 'compile', 'auto'\]",
+        ),
         (["quant.prepare.weight_mode=ceil"], "quant.prepare.weight_mode: got 'ceil'"),
         (["quant.weight_mode=ceil"], "quant.weight_mode: got 'ceil'"),
         (["quant.weight_mode=binary", "quant.prepare.weight_mode=floor"], "quant.weight_mode: got 'binary' but"),

@@ -157,7 +157,9 @@ def test_hessian_traces_through_fused_kernels_match_eager() -> None:
 
 
 def test_set_kernel_and_prepare_reject_unknown_backend() -> None:
-    with pytest.raises(ValueError, match=r"`kernel` must be one of \('fused', 'eager', 'compile'\), got 'cuda'"):
+    with pytest.raises(
+        ValueError, match=r"`kernel` must be one of \('fused', 'eager', 'compile', 'auto'\), got 'cuda'"
+    ):
         prepare(TinyNet(), [8, 4], kernel="cuda")
     model = prepare(TinyNet(), [8, 4])
     with pytest.raises(ValueError, match="`kernel` must be one of"):
@@ -214,3 +216,47 @@ def test_whole_model_capture_of_fused_layers_has_no_graph_break() -> None:
     grads = [(p.grad, q.grad) for p, q in zip(model.parameters(), reference.parameters(), strict=True)]
     assert sum(g is not None for g, _ in grads) >= 6 and all((g is None) == (r is None) for g, r in grads)
     assert all(torch.allclose(g, r, atol=1e-6) for g, r in grads if g is not None and r is not None)
+
+
+def test_auto_kernel_falls_back_to_fused_and_says_why(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """A probe that cannot compile (here: torch.compile raises as without a C++ toolchain) picks "fused", logged."""
+    import lightning_dbq.quant.kernels as kmod
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("no working C++ compiler found\nsecond line")
+
+    monkeypatch.setattr(kmod, "_AUTO", {})
+    monkeypatch.setattr(kmod.torch, "compile", broken)
+    with caplog.at_level("INFO", logger="lightning_dbq.quant.kernels"):
+        assert kernels("auto", "cpu") is kernels("fused")
+    choice, reason = kmod.auto_choice("cpu")
+    assert choice == "fused" and "RuntimeError: no working C++ compiler found" in reason and "second" not in reason
+    assert caplog.text.count("kernel='auto' on cpu: fused") == 1  # probed and logged once
+    torch.manual_seed(0)
+    auto = prepare(TinyNet(), [8, 4, 2], kernel="auto")
+    fused = set_kernel(copy.deepcopy(auto), "fused")
+    x = torch.randn(2, 3, 8, 8)
+    for bits in (8, 2):
+        set_bits(auto, bits)
+        set_bits(fused, bits)
+        assert torch.equal(auto(x), fused(x))
+
+
+def test_auto_kernel_never_probes_inside_a_trace(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_dbq.quant.kernels as kmod
+
+    monkeypatch.setattr(kmod, "_AUTO", {})
+    monkeypatch.setattr(kmod.torch.compiler, "is_compiling", lambda: True)
+    assert kernels("auto", "cpu") is kernels("fused") and kmod._AUTO == {}
+
+
+@pytest.mark.slow
+def test_auto_kernel_probe_on_this_machine() -> None:
+    """The real probe (compiles: slow): a choice with a reason; "compile" only if compiled kernels match eager."""
+    import lightning_dbq.quant.kernels as kmod
+
+    choice, reason = kmod._probe_compile("cpu")
+    assert choice in ("compile", "fused") and "cpu" in reason
+    if choice == "compile":
+        x, s = _case((6, 5, 3, 3), per_channel=False, seed=1)
+        assert torch.equal(kernels("compile").lsq(x, s.view(-1)[0], 4, True), lsq_fake(x, s.view(-1)[0], 4, True))
