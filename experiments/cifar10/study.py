@@ -44,6 +44,7 @@ class Arm:
     overrides: tuple[str, ...] = ()
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    epoch_factor: int = 1  # QAT epochs = the recipe's x this (4: one bit-width for as many passes as DR's 4 bits)
 
 
 def study_arms() -> list[Arm]:
@@ -56,7 +57,7 @@ def study_arms() -> list[Arm]:
         arms.append(Arm(f"floor_8642_s{seed}", ("quant.bits=[8,6,4,2]", "quant.prepare.weight_mode=floor"), seed))
     arms.append(Arm("dr_432", ("quant.bits=[4,3,2]",)))
     # Compute-matched LSQ: one bit-width per run for 20 epochs = the DR arm's 5 epochs x 4 bit-widths per step.
-    arms += [Arm(f"lsq_w{b}_e20", (f"quant.bits=[{b}]", "trainer.max_epochs=20")) for b in (2, 4, 8)]
+    arms += [Arm(f"lsq_w{b}_e20", (f"quant.bits=[{b}]",), epoch_factor=4) for b in (2, 4, 8)]
     # ALRS vs no ALRS on three more seeds (paired by seed; seeds 0 and 1 are above).
     for seed in (2, 3, 4):
         arms.append(Arm(f"dr_8642_alrs_s{seed}", ("quant.bits=[8,6,4,2]", "quant.alrs=paper"), seed))
@@ -109,8 +110,9 @@ def arm_overrides(arm: Arm, recipe: dict[str, Any], out: Path, init: Path, kerne
     overrides = [
         "data=imagefolder", f"data.root={DATA}", f"data.train_subset={recipe['train_subset']}",
         f"data.val_per_class={recipe['val_per_class']}", f"data.batch_size={recipe['batch_size']}", "data.seed=0",
-        "model=cifar_resnet20", f"model.init_checkpoint={init}", f"trainer.max_epochs={recipe['qat_epochs']}",
-        f"optim.lr={recipe['lr']}", f"seed={arm.seed}", "logger=csv", "test=false", "trainer.accelerator=auto",
+        "model=cifar_resnet20", f"model.init_checkpoint={init}",
+        f"trainer.max_epochs={recipe['qat_epochs'] * arm.epoch_factor}", f"optim.lr={recipe['lr']}", f"seed={arm.seed}",
+        "logger=csv", "test=false", "trainer.accelerator=auto",
         *arm.overrides,
     ]  # fmt: skip
     if "traces_from" in arm.extra:

@@ -302,8 +302,9 @@ def test_alrs_groups_of_a_binary_model() -> None:
 
     model = dbq.prepare(SignedNet(), bits=[1], weight_mode="binary")
     groups = {g["dbq_group"]: g for g in param_groups(model, lr=1e-3)}
-    assert set(groups) == {"weights", "act_scales"}  # alpha is a buffer: no weight-scale group
+    assert set(groups) == {"weights", "latent_weights", "act_scales"}  # alpha is a buffer: no weight-scale group
     assert len(groups["act_scales"]["params"]) == 2
+    assert groups["latent_weights"]["lr"] == 1e-2  # the binary mode's floor, above lr
 
 
 # ------------------------------------------------------------------ ONNX (exact mode)
