@@ -65,8 +65,8 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
         return call
 
-    def kernels(kernel: str) -> Kernels:
-        k = real_kernels(kernel)
+    def kernels(kernel: str, device_type: str = "cpu") -> Kernels:
+        k = real_kernels(kernel, device_type)
         return Kernels(counted(k.lsq), counted(k.double_round))
 
     monkeypatch.setattr(quantizers, "kernels", kernels)
