@@ -113,7 +113,7 @@ def resolve_weight_mode(cfg: DictConfig) -> None:
         cfg.quant.prepare.weight_mode = mode
 
 
-def _warn_low_lr(cfg: DictConfig) -> None:
+def _log_latent_lr(cfg: DictConfig) -> None:
     """Log the latent-weight learning rate of a mode with a floor (binary), and warn when it is set below the floor."""
     from lightning_dbq.quant.registry import weight_quantizer_class
 
@@ -190,7 +190,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
     log.info("dbq-train: model %s, bits %s, data %s", cfg.model.name, list(cfg.quant.bits), cfg.data.get("_target_"))
-    _warn_low_lr(cfg)
+    _log_latent_lr(cfg)
     if grad_quant_options(cfg) is not None:
         log.info("dbq-train: fully quantized training, gradients %s", grad_quant_options(cfg))
     pl.seed_everything(cfg.seed, workers=True)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lightning_dbq.cli._conf import config_dir
-from lightning_dbq.cli.train import _warn_low_lr, resolve_weight_mode, train, wandb_run_names
+from lightning_dbq.cli.train import _log_latent_lr, resolve_weight_mode, train, wandb_run_names
 from lightning_dbq.cli.validate import ConfigError, validate_train_config
 from tests.helpers.hydra import compose_train
 
@@ -140,7 +140,7 @@ def test_latent_lr_message_comes_from_the_weight_mode(mode: str, latent: float |
     )
     resolve_weight_mode(cfg)
     with caplog.at_level(level, logger="lightning_dbq.cli.train"):
-        _warn_low_lr(cfg)
+        _log_latent_lr(cfg)
     if text is None:
         assert "latent" not in caplog.text
     else:
