@@ -9,7 +9,7 @@ RUN := $(UV) run --frozen $(EXTRAS)
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train search test test-fast test-slow lint format typecheck bench clean
+.PHONY: help setup train search test test-fast test-slow lint format typecheck bench gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ test-slow: setup ## only the slow tests (minutes)
 
 bench: setup ## benchmarks P1-P9 -> experiments/results/bench.json and experiments/README.md table
 	$(RUN) python -m experiments.bench.run_all
+
+gpu-check: setup ## GPU check (tests -m gpu, P1/P8, CIFAR-10 study) -> experiments/results/gpu/; GPU_SMOKE=1: CPU smoke
+	$(RUN) python -m experiments.gpu.check $(ARGS)
 
 clean: ## remove caches and run outputs
 	rm -rf .pytest_cache .mypy_cache .ruff_cache outputs multirun lightning_logs wandb

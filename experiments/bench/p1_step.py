@@ -47,6 +47,8 @@ def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], 
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)  # the step's wall time, not its launch time
 
     return step
 
@@ -60,12 +62,19 @@ def variants(fp: nn.Module, kernel: str = "fused") -> dict[str, nn.Module]:
 
 
 def bench_model(
-    key: str, name: str, model: nn.Module, batch: int, warmup: int, repeats: int, kernel: str = "fused"
+    key: str,
+    name: str,
+    model: nn.Module,
+    batch: int,
+    warmup: int,
+    repeats: int,
+    kernel: str = "fused",
+    device: str = "cpu",
 ) -> BenchResult:
-    """Interleaved step timing of the three variants of ``model``."""
+    """Interleaved step timing of the three variants of ``model`` (on ``device``)."""
     setup_torch()
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    steps = {k: step_fn(m, x, y) for k, m in variants(model, kernel).items()}
+    x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
+    steps = {k: step_fn(m.to(device), x, y) for k, m in variants(model, kernel).items()}
     t0 = time.perf_counter()
     steps["dbq"]()  # first step: activation-scale init (and, for kernel="compile", the compilation)
     first_step_s = time.perf_counter() - t0
@@ -79,6 +88,7 @@ def bench_model(
         "image_size": 32,
         "bits": BITS,
         "kernel": kernel,
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
         "first_dbq_step_s": first_step_s,
         "warmup": warmup,
         "repeats": repeats,
@@ -97,7 +107,8 @@ def bench_model(
             f"thread; even the hand-written single-bit LSQ costs {med['lsq'] / med['fp32']:.2f}x of FP32 here. "
             "kernel='compile' fuses them into one generated loop (see its row)."
         )
-    title = f"P1 {name} bit-pass step / FP32 step (b{batch}, 32px, kernel={kernel})"
+    where = "" if device == "cpu" else f", {device}"
+    title = f"P1 {name} bit-pass step / FP32 step (b{batch}, 32px, kernel={kernel}{where})"
     return BenchResult(key, title, ratio, TARGET, details=details)
 
 

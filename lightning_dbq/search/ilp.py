@@ -23,7 +23,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import pulp
 
 __all__ = [
     "Allocation",
@@ -259,6 +258,8 @@ def _solve_cbc(
     lower = float(positive[np.isfinite(positive)].sum())
     scale = min(_OBJECTIVE_TARGET / lower if lower > 0 else 1.0, _MAX_COEF / max(float(c.max()), 1e-300))
     obj = c * scale
+    import pulp  # the solver is only needed here: importing the training package must not require it
+
     prob = pulp.LpProblem("bit_allocation", pulp.LpMinimize)
     with warnings.catch_warnings():  # PuLP 3.x deprecates direct LpVariable construction and the bundled CBC
         warnings.simplefilter("ignore", DeprecationWarning)
