@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "ALGORITHMS",
     "ALRS_MODES",
+    "DEFAULT_KERNEL",
     "KERNELS",
     "MAX_BITS",
     "MIN_BITS",
@@ -22,6 +23,7 @@ MIN_BITS = 2
 MAX_BITS = 8
 WEIGHT_MODES = ("double_round", "floor", "unshared", "binary")
 KERNELS = ("fused", "eager", "compile", "auto")
+DEFAULT_KERNEL = "auto"  # compile where a probe works on the input's device, else fused (logged)
 ALGORITHMS = ("A2", "A1")
 ALRS_MODES = ("paper", "eq6", "off")
 NONFINITE = ("stop", "skip")

@@ -170,7 +170,7 @@ def render_block(data: dict[str, Any]) -> str:
         met = "yes" if e["met"] else "**no**"
         quick = " (quick run)" if e.get("quick") else ""
         lines.append(f"| {e['title']}{quick} | {_value(e)} | {e['target']} | {met} | {how} |")
-    p1 = {k: e for k, e in data["results"].items() if k.startswith("P1_") and not k.endswith("_compile")}
+    p1 = {k: e for k, e in data["results"].items() if k.startswith("P1_") and not k.endswith("_fused")}
     if p1:
         refs = ", ".join(
             f"{e['details']['model']} {fmt(e['details']['lsq_reference_over_fp32'])}x" for e in p1.values()

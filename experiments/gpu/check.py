@@ -62,7 +62,7 @@ def _step(report: dict[str, Any], name: str, fn: Callable[[], Any]) -> None:
 
 
 def _tests(device: str) -> dict[str, Any]:
-    env = {**os.environ, "DBQ_TEST_DEVICE": device}
+    env = {**os.environ, "DBQ_TEST_DEVICE": device, "DBQ_KERNEL_AUTO": ""}  # the real probe on the device
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/gpu"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""

@@ -35,7 +35,7 @@ def validate_train_config(cfg: Any) -> None:
 
     import lightning_dbq.models  # noqa: F401  (register cifar_resnet*)
     from lightning_dbq.quant.factory import close_model_names
-    from lightning_dbq.quant.kernels import KERNELS
+    from lightning_dbq.quant.kernels import DEFAULT_KERNEL, KERNELS
     from lightning_dbq.quant.spec import WEIGHT_MODES, validate_bits
     from lightning_dbq.training.alrs import ALRS_MODES
     from lightning_dbq.training.module import OPTIMIZERS, SCHEDULERS
@@ -53,7 +53,7 @@ def validate_train_config(cfg: Any) -> None:
     # (key, allowed values, default when the key is absent: None = required)
     for key, allowed, default in (("quant.algorithm", ALGORITHMS, None), ("quant.alrs", ALRS_MODES, None),
                                   ("optim.optimizer", OPTIMIZERS, None), ("optim.scheduler", SCHEDULERS, None),
-                                  ("quant.prepare.kernel", KERNELS, KERNELS[0]),
+                                  ("quant.prepare.kernel", KERNELS, DEFAULT_KERNEL),
                                   ("quant.prepare.weight_mode", WEIGHT_MODES, WEIGHT_MODES[0])):  # fmt: skip
         value = _get(cfg, key, default)
         if value not in allowed:

@@ -1,15 +1,16 @@
 """Fake-quant kernel back-ends, chosen per model at run time (:func:`lightning_dbq.quant.prepare.set_kernel`).
 
-* ``"fused"`` (default): one ``torch.autograd.Function`` per quantizer (:mod:`lightning_dbq.quant.fused`).
+* ``"fused"``: one ``torch.autograd.Function`` per quantizer (:mod:`lightning_dbq.quant.fused`).
 * ``"eager"``: the composite reference functions of :mod:`lightning_dbq.quant.functional`.
 * ``"compile"``: ``torch.compile(dynamic=True)`` of the composite functions (Inductor: needs a C++ compiler on
   CPU, Triton on GPU; the first steps pay a one-off compile of ~30 s). Weights are passed flattened, because
   dynamo keeps the shapes of ``nn.Parameter`` inputs static and would otherwise recompile for every layer shape
   until its recompile limit.
-* ``"auto"``: ``"compile"`` where it works on the input's device type, else ``"fused"``. Decided once per device
-  type by compiling and running a tiny probe the first time an ``"auto"`` quantizer runs eagerly (a choice made
-  inside a ``torch.compile`` trace uses ``"fused"`` and is not cached); the choice and its reason are logged at
-  INFO (:func:`auto_choice` returns them).
+* ``"auto"`` (default): ``"compile"`` where it works on the input's device type, else ``"fused"``. Decided once per
+  device type by compiling and running a tiny probe the first time an ``"auto"`` quantizer runs eagerly (a choice
+  made inside a ``torch.compile`` trace uses ``"fused"`` and is not cached); the choice and its reason are logged
+  at INFO (:func:`auto_choice` returns them). The environment variable ``DBQ_KERNEL_AUTO`` (``fused``, ``eager``
+  or ``compile``) replaces the probe, e.g. to keep a test suite's time independent of the machine's compiler.
 
 All three give the same forward values bit for bit; gradients agree up to float32 summation order. The floor
 nesting baseline (``weight_mode="floor"``) and binary weights and activations (``weight_mode="binary"``) always run
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -29,11 +31,13 @@ from torch import Tensor
 from lightning_dbq.quant.functional import double_round_fake, lsq_fake
 from lightning_dbq.quant.fused import fused_double_round_fake, fused_lsq_fake
 
-__all__ = ["KERNELS", "Kernels", "auto_choice", "check_kernel", "kernels"]
+__all__ = ["AUTO_ENV", "DEFAULT_KERNEL", "KERNELS", "Kernels", "auto_choice", "check_kernel", "kernels"]
 
 log = logging.getLogger(__name__)
 
-from lightning_dbq.options import KERNELS  # noqa: E402
+from lightning_dbq.options import DEFAULT_KERNEL, KERNELS  # noqa: E402
+
+AUTO_ENV = "DBQ_KERNEL_AUTO"
 
 
 class Kernels(NamedTuple):
@@ -52,9 +56,13 @@ def check_kernel(kernel: str) -> str:
 
 def _flattened(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """Call ``fn(x, scale, ...)`` on ``x`` flattened to ``(numel,)`` (scalar scale) or ``(C, numel / C)`` (per-channel
-    scale), so one dynamic-shape graph serves every layer, parameters included."""
+    scale), so one dynamic-shape graph serves every layer, parameters included. Without grad mode the inputs go in
+    detached: dynamo guards on ``requires_grad``, and this way one inference graph serves a parameter, an
+    activation and :mod:`~lightning_dbq.quant.recompute`'s forward alike (same values)."""
 
     def call(x: Tensor, scale: Tensor, *args: object) -> Tensor:
+        if not torch.is_grad_enabled():
+            x, scale = x.detach(), scale.detach()
         if scale.numel() == 1:
             return fn(x.reshape(-1), scale, *args).view_as(x)
         return fn(x.reshape(x.shape[0], -1), scale.reshape(-1, 1), *args).view_as(x)
@@ -93,10 +101,21 @@ def _probe_compile(device_type: str) -> tuple[str, str]:
     return "compile", f"torch.compile built and ran a probe on {device_type} ({backend} works)"
 
 
+def _auto_from_env() -> tuple[str, str] | None:
+    """``(back-end, reason)`` from ``DBQ_KERNEL_AUTO`` if set (non-empty), else ``None``."""
+    value = os.environ.get(AUTO_ENV, "")
+    if not value:
+        return None
+    if value not in ("fused", "eager", "compile"):
+        raise ValueError(f"{AUTO_ENV}: got {value!r}; allowed: 'fused', 'eager', 'compile' (or unset: probe)")
+    return value, f"{AUTO_ENV}={value} in the environment"
+
+
 def auto_choice(device_type: str = "cpu") -> tuple[str, str]:
-    """The back-end ``"auto"`` uses on ``device_type`` and why (probed and logged once per device type)."""
+    """The back-end ``"auto"`` uses on ``device_type`` and why (probed, or read from ``DBQ_KERNEL_AUTO``, and logged
+    once per device type)."""
     if device_type not in _AUTO:
-        _AUTO[device_type] = _probe_compile(device_type)
+        _AUTO[device_type] = _auto_from_env() or _probe_compile(device_type)
         log.info("kernel='auto' on %s: %s (%s)", device_type, *_AUTO[device_type])
     return _AUTO[device_type]
 

@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from lightning_dbq.quant.kernels import check_kernel
+from lightning_dbq.quant.kernels import DEFAULT_KERNEL, check_kernel
 from lightning_dbq.quant.layers import QuantizedLayer, iter_quantizers, make_quant_layer, quantizable_base
 from lightning_dbq.quant.norm import PerBitNorm, TransitionalNorm
 from lightning_dbq.quant.spec import QuantSpec, validate_bits
@@ -114,7 +114,7 @@ def prepare(
     skip: Sequence[str] = (),
     transitional_norm: bool = False,
     weight_mode: str = "double_round",
-    kernel: str = "fused",
+    kernel: str = DEFAULT_KERNEL,
 ) -> nn.Module:
     """Make ``model`` bit-switchable in place (and return it). Idempotent.
 
@@ -281,8 +281,8 @@ def set_bits(model: nn.Module, bits: int | Mapping[str, int]) -> nn.Module:
 
 
 def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
-    """Choose the fake-quant back-end of every quantizer: ``"fused"`` (default), ``"eager"``, ``"compile"`` or
-    ``"auto"`` (``"compile"`` where a probe compiles on the input's device, else ``"fused"``; logged).
+    """Choose the fake-quant back-end of every quantizer: ``"auto"`` (default: ``"compile"`` where a probe compiles
+    on the input's device, else ``"fused"``; logged), ``"fused"``, ``"eager"`` or ``"compile"``.
 
     A run-time choice (not stored in the spec or in artifacts): every back-end computes the same forward values,
     see :mod:`lightning_dbq.quant.kernels`.

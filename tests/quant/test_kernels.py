@@ -166,7 +166,8 @@ def test_set_kernel_and_prepare_reject_unknown_backend() -> None:
         set_kernel(model, "triton")
     with pytest.raises(ValueError, match="not prepared|prepare"):
         set_kernel(TinyNet(), "eager")
-    assert KERNELS[0] == "fused" and model.conv2.weight_quant.kernel == "fused"
+    assert "auto" in KERNELS and model.conv2.weight_quant.kernel == "auto"  # the default
+    assert model.conv2.act_quant is not None and model.conv2.act_quant.kernel == "auto"
 
 
 @pytest.mark.slow
@@ -226,6 +227,7 @@ def test_auto_kernel_falls_back_to_fused_and_says_why(monkeypatch: pytest.Monkey
         raise RuntimeError("no working C++ compiler found\nsecond line")
 
     monkeypatch.setattr(kmod, "_AUTO", {})
+    monkeypatch.delenv(kmod.AUTO_ENV, raising=False)
     monkeypatch.setattr(kmod.torch, "compile", broken)
     with caplog.at_level("INFO", logger="lightning_dbq.quant.kernels"):
         assert kernels("auto", "cpu") is kernels("fused")
@@ -246,8 +248,27 @@ def test_auto_kernel_never_probes_inside_a_trace(monkeypatch: pytest.MonkeyPatch
     import lightning_dbq.quant.kernels as kmod
 
     monkeypatch.setattr(kmod, "_AUTO", {})
+    monkeypatch.delenv(kmod.AUTO_ENV, raising=False)
     monkeypatch.setattr(kmod.torch.compiler, "is_compiling", lambda: True)
     assert kernels("auto", "cpu") is kernels("fused") and kmod._AUTO == {}
+
+
+def test_auto_kernel_env_override_replaces_the_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_dbq.quant.kernels as kmod
+
+    def must_not_probe(device_type: str) -> tuple[str, str]:
+        raise AssertionError("probed despite DBQ_KERNEL_AUTO")
+
+    monkeypatch.setattr(kmod, "_probe_compile", must_not_probe)
+    for value in ("fused", "eager"):
+        monkeypatch.setattr(kmod, "_AUTO", {})
+        monkeypatch.setenv(kmod.AUTO_ENV, value)
+        assert kmod.auto_choice("cpu") == (value, f"DBQ_KERNEL_AUTO={value} in the environment")
+        assert kernels("auto", "cpu") is kernels(value)
+    monkeypatch.setattr(kmod, "_AUTO", {})
+    monkeypatch.setenv(kmod.AUTO_ENV, "fast")
+    with pytest.raises(ValueError, match=r"DBQ_KERNEL_AUTO: got 'fast'; allowed: 'fused', 'eager', 'compile'"):
+        kmod.auto_choice("cpu")
 
 
 @pytest.mark.slow
