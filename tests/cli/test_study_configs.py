@@ -27,6 +27,6 @@ def test_study_arm_overrides_compose_and_validate(arm, kernel: str | None, tmp_p
     validate_train_config(cfg)
     assert cfg.trainer.max_epochs == RECIPE["qat_epochs"] * arm.epoch_factor
     assert cfg.trainer.max_epochs == (20 if arm.name.endswith("_e20") else 5)
-    assert cfg.quant.prepare.kernel == (kernel or "fused")
+    assert cfg.quant.prepare.kernel == (kernel or "auto")  # the default back-end
     if "traces_from" in arm.extra:
         assert cfg.callbacks.hessian.traces_path.endswith("mixed_hasb/traces.json")
