@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from lightning_dbq.quant.frozen import FrozenActQuant
 from lightning_dbq.quant.functional import MAX_BITS, MIN_BITS, lsq_grad_scale, qrange
 from lightning_dbq.quant.kernels import check_kernel, kernels
+from lightning_dbq.quant.recompute import FakeQuantOp
 
 __all__ = ["SCALE_EPS", "ActQuantizer"]
 
@@ -39,7 +40,7 @@ class ActQuantizer(nn.Module):
     number of elements *per sample* (``x[0].numel()``).
 
     Subclasses (e.g. :class:`~lightning_dbq.quant.binary.BinaryActQuantizer`) change the quantizer itself through
-    :meth:`_init_scale`, :meth:`_quantize` and :meth:`frozen`; the state (``scales``, ``initialized``, ``signed``)
+    :meth:`_init_scale`, :meth:`_op` and :meth:`frozen`; the state (``scales``, ``initialized``, ``signed``)
     and its initialisation are shared.
 
     Args:
@@ -112,18 +113,28 @@ class ActQuantizer(nn.Module):
         """Fake-quantize ``x`` at :attr:`active_bits` (identity when disabled)."""
         if not self.enabled:
             return x
+        op, scale = self.fake_quant_op(x)
+        return op(x, scale)
+
+    def fake_quant_op(self, x: Tensor) -> tuple[FakeQuantOp, Tensor]:
+        """What an enabled :meth:`forward` does to ``x``: ``forward(x) == op(x, scale)``.
+
+        Initialises the scales from ``x`` first when the forward would (the first batch); the op's arguments (bits,
+        sign, gradient scale, kernel) are fixed at this call. Used by :mod:`lightning_dbq.quant.recompute`.
+        """
         if self._eval_init and self.training:
             self.initialize(x)
         if self._cached is None:
             if not bool(self.initialized):
                 self.initialize(x)
             self._cached = (True, bool(self.signed))
-        return self._quantize(x, _positive(self.scales[str(self.active_bits)]), self.active_bits, self._cached[1])
+        bits = self.active_bits
+        return self._op(x, bits, self._cached[1]), _positive(self.scales[str(bits)])
 
-    def _quantize(self, x: Tensor, scale: Tensor, bits: int, signed: bool) -> Tensor:
-        """LSQ fake-quant of ``x`` at ``bits`` with the positive ``scale`` (the kernel back-end's ``lsq``)."""
+    def _op(self, x: Tensor, bits: int, signed: bool) -> FakeQuantOp:
+        """LSQ fake-quant at ``bits`` (the kernel back-end's ``lsq``), its gradient scale from ``x``'s size."""
         g = lsq_grad_scale(max(x[0].numel(), 1), qrange(bits, signed)[1])
-        return kernels(self.kernel, x.device.type).lsq(x, scale, bits, signed, g)
+        return FakeQuantOp(kernels(self.kernel, x.device.type).lsq, (bits, signed, g))
 
     def frozen(self) -> nn.Module:
         """The fixed module computing this quantizer's forward at its active bits (:func:`~lightning_dbq.freeze`)."""

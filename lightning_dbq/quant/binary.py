@@ -32,6 +32,7 @@ from lightning_dbq.quant.functional import (
     sign_codes,
 )
 from lightning_dbq.quant.quantizers import WeightQuantizer
+from lightning_dbq.quant.recompute import FakeQuantOp
 from lightning_dbq.quant.registry import register_weight_quantizer
 
 __all__ = ["BINARY_CLIP", "BinaryActQuantizer", "BinaryWeightQuantizer"]
@@ -69,8 +70,8 @@ class BinaryActQuantizer(ActQuantizer):
     def _init_scale(self, mean_abs: float, bits: int, signed: bool) -> float:
         return max((1.0 if signed else 2.0) * mean_abs, 1e-6)
 
-    def _quantize(self, x: Tensor, scale: Tensor, bits: int, signed: bool) -> Tensor:
-        return binary_act_fake(x, scale, signed, lsq_grad_scale(max(x[0].numel(), 1), 1))
+    def _op(self, x: Tensor, bits: int, signed: bool) -> FakeQuantOp:
+        return FakeQuantOp(binary_act_fake, (signed, lsq_grad_scale(max(x[0].numel(), 1), 1)))
 
     def frozen(self) -> nn.Module:
         """:class:`~lightning_dbq.quant.frozen.FrozenSignAct` (signed) or a 1-bit unsigned ``FrozenActQuant``."""

@@ -2,9 +2,10 @@
 :func:`~lightning_dbq.quant.functional.double_round_fake` as one ``torch.autograd.Function`` each.
 
 The composite functions build ~25 autograd nodes per quantized tensor (``where``/``gt``/``lt`` for the clamp, two
-straight-through detach-adds, the gradient-scale trick, ...). Here the forward is 6 element-wise passes (3 in
-place) and saves the input, the output (both kept alive anyway: by the layer before and by the convolution after)
-and a bool mask; the backward makes both gradients in 4 passes and one reduction.
+straight-through detach-adds, the gradient-scale trick, ...). Here the forward is one allocation and 5 in-place
+element-wise passes, and saves only the input and the scale (the input is usually kept alive anyway, by the layer
+before); the backward rebuilds ``v = x / s``, the mask and the output from them (~8 passes, one reduction), so a
+quantizer adds no full-size tensor to what a training step keeps (docs/memory.md).
 
 The forward is bit-identical to the composite functions (same operations in the same float32 order:
 ``q_l·2^k`` is exact, so ``(q_l·2^k)·s == q_l·(2^k·s)``); the gradients agree up to float32 rounding of the
@@ -12,10 +13,10 @@ scale-gradient sum. With ``v = x / s``, ``inside = lo < v < hi`` (strict, as ``t
 
 * ``dL/dx = dL/dy · inside``;
 * ``dL/ds = g · Σ dL/dy · (q − v·inside)`` (``q − v`` inside, the clip bound outside), summed to ``s``'s shape;
-  computed as ``g/s · Σ dL/dy · (y − x·inside)`` from the saved output ``y = s·q``.
+  computed as ``g/s · Σ dL/dy · (y − x·inside)`` from the rebuilt output ``y = s·q``.
 
-The backward is itself differentiable (only out-of-place ops when ``create_graph=True``), so Hessian-vector
-products through fused layers work (``lightning_dbq.search.hessian``).
+The backward is itself differentiable (only out-of-place ops, and ``y`` rebuilt with its own straight-through graph,
+when ``create_graph=True``), so Hessian-vector products through fused layers work (``lightning_dbq.search.hessian``).
 """
 
 from __future__ import annotations
@@ -32,42 +33,62 @@ __all__ = ["fused_double_round_fake", "fused_lsq_fake"]
 
 
 def _inner(lo: float, hi: float) -> tuple[float, float]:
-    """The float32 neighbours just inside ``[lo, hi]``: clamping to them and comparing gives the *strict* mask
-    ``lo < v < hi`` in one pass, and they round (half up) to the same integers ``lo`` / ``hi``."""
+    """The float32 neighbours just inside ``[lo, hi]``: they round (half up) to the same integers ``lo`` / ``hi``
+    (clamping to them instead of to ``lo`` / ``hi`` gives the same codes)."""
     lo32, hi32 = np.float32(lo), np.float32(hi)  # plain NumPy scalars: no tensor, no graph break under dynamo
     return float(np.nextafter(lo32, hi32)), float(np.nextafter(hi32, lo32))
 
 
+def _codes_(v: Tensor, lo: float, hi: float, step: float) -> Tensor:
+    """``step · rhu(rhu(clamp(v, lo, hi)) / step)``, computed in place in ``v`` (which it returns)."""
+    q = v.clamp_(*_inner(lo, hi)).add_(0.5).floor_()
+    if step != 1.0:
+        q = q.div_(step).add_(0.5).floor_().mul_(step)
+    return q
+
+
+def _strictly_inside(v: Tensor, lo: float, hi: float) -> Tensor:
+    """The bool mask ``lo < v < hi`` (``False`` for NaN), the straight-through window of ``torch.clamp``."""
+    return v.gt(lo).logical_and_(v.lt(hi))
+
+
+def _scale_grad(grad: Tensor, u: Tensor, s: Tensor, g: float) -> Tensor:
+    """``g/s · Σ grad · u`` summed to ``s``'s shape (``u`` is overwritten unless grad mode is on)."""
+    if s.numel() == 1:
+        return (torch.dot(grad.reshape(-1), u.reshape(-1)) * (g / s)).reshape(s.shape)
+    if torch.is_grad_enabled():  # create_graph=True: keep the backward differentiable
+        return (u * grad).sum_to_size(s.shape) * g / s
+    return u.mul_(grad).sum_to_size(s.shape).mul_(g).div_(s)
+
+
 class _FakeQuant(torch.autograd.Function):
-    """``y = s · step · rhu(rhu(clamp(x / s, lo, hi)) / step)`` (``step = 1``: plain LSQ, one rounding)."""
+    """``y = s · step · rhu(rhu(clamp(x / s, lo, hi)) / step)`` (``step = 1``: plain LSQ, one rounding).
+
+    Saves ``x`` and ``s`` only; the backward rebuilds ``v = x / s``, the mask and ``y`` from them.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, s: Tensor, lo: float, hi: float, step: float, g: float) -> Tensor:  # noqa: D102
-        v = x / s
-        q = v.clamp(*_inner(lo, hi))
-        inside = q == v
-        del v
-        q = q.add_(0.5).floor_()
-        if step != 1.0:
-            q = q.div_(step).add_(0.5).floor_().mul_(step)
-        out = q.mul_(s)
-        ctx.save_for_backward(x, s, out, inside)
-        ctx.g = g
-        return out
+        ctx.save_for_backward(x, s)
+        ctx.consts = (lo, hi, step, g)
+        return _codes_(x / s, lo, hi, step).mul_(s)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
-        x, s, out, inside = ctx.saved_tensors
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        x, s = ctx.saved_tensors
+        lo, hi, step, g = ctx.consts
+        v = x / s
+        inside = _strictly_inside(v, lo, hi)
         grad_s = None
-        if ctx.needs_input_grad[1]:
-            u = torch.where(inside, out - x, out)  # = s·(q − v) inside, s·q (the clip bound) outside
-            if s.numel() == 1:
-                grad_s = (torch.dot(grad.reshape(-1), u.reshape(-1)) * (ctx.g / s)).reshape(s.shape)
-            elif torch.is_grad_enabled():  # create_graph=True: keep the backward differentiable
-                grad_s = (u * grad).sum_to_size(s.shape) * ctx.g / s
-            else:
-                grad_s = u.mul_(grad).sum_to_size(s.shape).mul_(ctx.g).div_(s)
+        if ctx.needs_input_grad[1]:  # first, so that its temporaries are gone before grad_x is allocated
+            if torch.is_grad_enabled():  # create_graph=True: y with its own (straight-through) graph
+                y = _FakeQuant.apply(x, s, lo, hi, step, g)
+                u = torch.where(inside, y - x, y)
+            else:  # y rebuilt in v's buffer; y − x inside, y (the clip bound) outside, as torch.where(...) above
+                u = _codes_(v, lo, hi, step).mul_(s).sub_(torch.where(inside, x, 0.0))
+            del v
+            grad_s = _scale_grad(grad, u, s, g)
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
         return grad_x, grad_s, None, None, None, None
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_dbq.quant.quantizers import ActQuantizer, WeightQuantizer
+from lightning_dbq.quant.recompute import conv_geometry, recomputable, recomputed_conv
 from lightning_dbq.quant.registry import weight_quantizer_class
 
 __all__ = ["DBQLayer", "QuantizedLayer", "is_quant_layer", "iter_quantizers", "make_quant_layer", "quantizable_base"]
@@ -73,7 +74,15 @@ class DBQLayer:
     grad_quant: Callable[[Any, Tensor, Tensor], Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        """Quantize the input (if enabled), then run the original forward with the quantized weight."""
+        """Quantize the input (if enabled), then run the original forward with the quantized weight.
+
+        Plain zero-padded convolutions under autograd run as one node that saves the unquantized input and weight
+        and rebuilds the quantized ones in the backward (:mod:`lightning_dbq.quant.recompute`; same values).
+        """
+        if self._dbq_fast and self.grad_quant is None and recomputable(x, self.weight):
+            out = self._recomputed_forward(x)
+            if out is not None:
+                return out
         if self.act_quant is not None:
             x = self.act_quant(x)
         w = self.weight_quant(self.weight)
@@ -90,6 +99,20 @@ class DBQLayer:
             return self._dbq_base.forward(self, x)  # type: ignore[arg-type,no-any-return]
         finally:
             del self.__dict__["weight"]
+
+    def _recomputed_forward(self, x: Tensor) -> Tensor | None:
+        """:func:`~lightning_dbq.quant.recompute.recomputed_conv` of ``x``, or ``None`` where it does not apply (not
+        a plain zero-padded convolution; a quantizer without a pure op, such as binary weights, or with its own
+        ``forward``): then nothing has run yet."""
+        geometry = conv_geometry(self)  # type: ignore[arg-type]
+        aq, wq = self.act_quant, self.weight_quant
+        if geometry is None or (aq is not None and type(aq).forward is not ActQuantizer.forward):
+            return None
+        w_quant = wq.fake_quant_op(self.weight) if wq.enabled else None
+        if wq.enabled and w_quant is None:
+            return None
+        x_quant = aq.fake_quant_op(x) if aq is not None and aq.enabled else None
+        return recomputed_conv(x, x_quant, self.weight, w_quant, self.bias, geometry)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         state = self.__dict__.copy()

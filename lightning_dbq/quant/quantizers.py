@@ -57,6 +57,7 @@ from lightning_dbq.quant.functional import (
 )
 from lightning_dbq.quant.kernels import check_kernel, kernels
 from lightning_dbq.quant.packing import pack_width
+from lightning_dbq.quant.recompute import FakeQuantOp
 from lightning_dbq.quant.registry import register_weight_quantizer, weight_quantizer_class
 
 __all__ = [
@@ -94,7 +95,9 @@ class WeightQuantizer(nn.Module):
       (slim artifacts, :mod:`lightning_dbq.quant.slim`);
     * :attr:`act_quantizer`: the activation quantizer class that goes with it; :meth:`check_bits`: the bit lists it
       accepts; :attr:`subnet_search`: whether mixed-precision SubNet search applies;
-    * :meth:`effective_scale`: the scale ``s`` with ``weight grid = codes · s`` (what freeze and export record).
+    * :meth:`effective_scale`: the scale ``s`` with ``weight grid = codes · s`` (what freeze and export record);
+    * :meth:`_op`: its training-mode fake quantizer as a pure op and a scale (or its own :meth:`_fake_quant`), which
+      :meth:`fake_quant_op` hands to :mod:`lightning_dbq.quant.recompute`.
 
     Eval-mode cache: with ``self.training`` False and gradients off (``torch.no_grad()`` or
     ``torch.inference_mode()``), the output is cached per active bit and reused while the weight and the scale
@@ -189,8 +192,26 @@ class WeightQuantizer(nn.Module):
         """Every tensor the fake-quantized weight depends on besides the weight (keys of the eval cache)."""
         raise NotImplementedError
 
+    def _op(self, w: Tensor) -> tuple[FakeQuantOp, Tensor] | None:
+        """The mode's training-mode fake quantizer as a pure op and its scale (``None``: the mode defines
+        :meth:`_fake_quant` itself)."""
+        return None
+
     def _fake_quant(self, w: Tensor) -> Tensor:
-        raise NotImplementedError
+        found = self._op(w)
+        if found is None:
+            raise NotImplementedError(f"{type(self).__name__} defines neither _op nor _fake_quant")
+        return found[0](w, found[1])
+
+    def fake_quant_op(self, w: Tensor) -> tuple[FakeQuantOp, Tensor] | None:
+        """What the enabled training-mode forward does to ``w``: ``forward(w) == op(w, scale)``, with the op's
+        arguments (bits, gradient scale, kernel) fixed at this call; ``None`` when the mode has no such op (its
+        :meth:`_fake_quant` or :meth:`forward` is its own, e.g. binary weights, whose scale is a function of ``w``).
+        Used by :mod:`lightning_dbq.quant.recompute`."""
+        cls = type(self)
+        if cls._fake_quant is not WeightQuantizer._fake_quant or cls.forward is not WeightQuantizer.forward:
+            return None
+        return self._op(w)
 
     def codes(self, w: Tensor) -> Tensor:
         """The stored ``h``-bit integer codes of ``w`` as int8.
@@ -364,11 +385,10 @@ class DoubleRoundWeightQuantizer(_SharedScaleWeightQuantizer):
 
     subnet_search = True
 
-    def _fake_quant(self, w: Tensor) -> Tensor:
+    def _op(self, w: Tensor) -> tuple[FakeQuantOp, Tensor]:
         s = self.effective_scale()
-        return kernels(self.kernel, w.device.type).double_round(
-            w, s, self.high_bits, self.active_bits, self._grad_scale(w, s)
-        )
+        fn = kernels(self.kernel, w.device.type).double_round
+        return FakeQuantOp(fn, (self.high_bits, self.active_bits, self._grad_scale(w, s))), s
 
     @classmethod
     def nest_codes(cls, q_high: Tensor, high_bits: int, bits: int) -> Tensor:
@@ -404,9 +424,9 @@ class FloorWeightQuantizer(_SharedScaleWeightQuantizer):
     Always runs eagerly (:func:`~lightning_dbq.quant.functional.floor_nest_fake`, whatever the ``kernel``).
     """
 
-    def _fake_quant(self, w: Tensor) -> Tensor:
+    def _op(self, w: Tensor) -> tuple[FakeQuantOp, Tensor]:
         s = self.effective_scale()
-        return floor_nest_fake(w, s, self.high_bits, self.active_bits, self._grad_scale(w, s))
+        return FakeQuantOp(floor_nest_fake, (self.high_bits, self.active_bits, self._grad_scale(w, s))), s
 
     @classmethod
     def nest_codes(cls, q_high: Tensor, high_bits: int, bits: int) -> Tensor:
@@ -436,7 +456,7 @@ class UnsharedWeightQuantizer(WeightQuantizer):
     def scale_tensors(self) -> tuple[Tensor, ...]:
         return tuple(self.scales.values())
 
-    def _fake_quant(self, w: Tensor) -> Tensor:
+    def _op(self, w: Tensor) -> tuple[FakeQuantOp, Tensor]:
         s = self.effective_scale()
         g = lsq_grad_scale(w.numel() // s.numel(), qrange(self.active_bits, signed=True)[1])
-        return kernels(self.kernel, w.device.type).lsq(w, s, self.active_bits, True, g)
+        return FakeQuantOp(kernels(self.kernel, w.device.type).lsq, (self.active_bits, True, g)), s
