@@ -21,6 +21,9 @@ when ``create_graph=True``), so Hessian-vector products through fused layers wor
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -29,7 +32,7 @@ from torch import Tensor
 
 from lightning_dbq.quant.functional import MAX_BITS, MIN_BITS, _check_bits, qrange
 
-__all__ = ["fused_double_round_fake", "fused_lsq_fake"]
+__all__ = ["fused_double_round_fake", "fused_lsq_fake", "keep_for_backward"]
 
 
 def _inner(lo: float, hi: float) -> tuple[float, float]:
@@ -64,32 +67,70 @@ def _scale_grad(grad: Tensor, u: Tensor, s: Tensor, g: float) -> Tensor:
 class _FakeQuant(torch.autograd.Function):
     """``y = s · step · rhu(rhu(clamp(x / s, lo, hi)) / step)`` (``step = 1``: plain LSQ, one rounding).
 
-    Saves ``x`` and ``s`` only; the backward rebuilds ``v = x / s``, the mask and ``y`` from them.
+    Saves ``x`` and ``s`` only; the backward rebuilds ``v = x / s``, the mask and ``y`` from them. Inside
+    :func:`keep_for_backward` it also saves ``y`` and the mask (the backward then skips rebuilding them).
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, s: Tensor, lo: float, hi: float, step: float, g: float) -> Tensor:  # noqa: D102
-        ctx.save_for_backward(x, s)
         ctx.consts = (lo, hi, step, g)
-        return _codes_(x / s, lo, hi, step).mul_(s)
+        if not _keeping():
+            ctx.save_for_backward(x, s)
+            return _codes_(x / s, lo, hi, step).mul_(s)
+        v = x / s
+        q = v.clamp(*_inner(lo, hi))
+        inside = q == v  # the clamp to the inner bounds keeps exactly the v with lo < v < hi
+        del v
+        out = _codes_(q, lo, hi, step).mul_(s)
+        ctx.save_for_backward(x, s, out, inside)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
-        x, s = ctx.saved_tensors
+        x, s, *kept = ctx.saved_tensors
         lo, hi, step, g = ctx.consts
-        v = x / s
-        inside = _strictly_inside(v, lo, hi)
+        if kept:
+            y, inside = kept
+        else:
+            v = x / s
+            inside = _strictly_inside(v, lo, hi)
         grad_s = None
         if ctx.needs_input_grad[1]:  # first, so that its temporaries are gone before grad_x is allocated
             if torch.is_grad_enabled():  # create_graph=True: y with its own (straight-through) graph
                 y = _FakeQuant.apply(x, s, lo, hi, step, g)
                 u = torch.where(inside, y - x, y)
-            else:  # y rebuilt in v's buffer; y − x inside, y (the clip bound) outside, as torch.where(...) above
+            elif kept:  # −(x inside, 0 outside) + y: y − x inside, y (the clip bound) outside, as torch.where above
+                u = torch.where(inside, x, 0.0).neg_().add_(y)
+            else:  # the same with y rebuilt in v's buffer
                 u = _codes_(v, lo, hi, step).mul_(s).sub_(torch.where(inside, x, 0.0))
-            del v
             grad_s = _scale_grad(grad, u, s, g)
+            del u
         grad_x = grad * inside if ctx.needs_input_grad[0] else None
         return grad_x, grad_s, None, None, None, None
+
+
+_KEEP = threading.local()
+
+
+@contextlib.contextmanager
+def keep_for_backward() -> Iterator[None]:
+    """Within the block (this thread), fused fake-quant nodes also save their output and mask.
+
+    For graphs that live only inside a backward pass (:mod:`lightning_dbq.quant.recompute` rebuilds a quantized
+    operand and differentiates it right away): there keeping them is nearly free and spares the backward from
+    rebuilding them. Same values either way.
+    """
+    before = getattr(_KEEP, "on", False)
+    _KEEP.on = True
+    try:
+        yield
+    finally:
+        _KEEP.on = before
+
+
+def _keeping() -> bool:
+    """Inside :func:`keep_for_backward` (never while ``torch.compile`` traces)."""
+    return not torch.compiler.is_compiling() and bool(getattr(_KEEP, "on", False))
 
 
 def fused_lsq_fake(x: Tensor, scale: Tensor, bits: int, signed: bool, g: float = 1.0) -> Tensor:

@@ -17,7 +17,7 @@ differentiates that, so double backward is the composite one.
 Applies to exact ``nn.Conv{1,2,3}d`` layers with zero padding, under grad mode, without autocast and outside
 ``torch.compile`` / ``torch.jit`` traces (:func:`recomputable`); everything else (linear layers, timm's conv
 subclasses, binary weights, FQT's quantized backward) takes the plain path. The cost is the fake quantization
-computed once more in the backward (~15 % of a CPU step of cifar_resnet20 with the fused kernel).
+computed once more in the backward (~10 % of a CPU step of cifar_resnet20 with the fused kernel).
 
 A fake quantizer enters as a :class:`FakeQuantOp` (a function of ``(x, scale)`` plus its constant arguments, fixed
 when the forward runs: a bit switch or a scale update between forward and backward does not change what is
@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+from lightning_dbq.quant.fused import keep_for_backward
 
 __all__ = ["FakeQuantOp", "Operand", "conv_geometry", "recomputable", "recomputed_conv"]
 
@@ -93,10 +95,11 @@ def _rebuild(
     tensors: Sequence[Tensor | None], needs: Sequence[bool], ops: tuple[FakeQuantOp | None, FakeQuantOp | None]
 ) -> tuple[Any, ...]:
     """Leaves of ``(x, s_x, w, s_w)`` that require grad as the node's inputs do, and the fake-quantized operands
-    ``(xq, wq)`` made from them with grad mode on (their graphs keep the leaves and the scales only)."""
+    ``(xq, wq)`` made from them with grad mode on (graphs that live only until :func:`_through` has run: fused
+    kernels keep their output and mask in them, :func:`~lightning_dbq.quant.fused.keep_for_backward`)."""
     x, s_x, w, s_w = (_leaf(t, n) for t, n in zip(tensors, needs, strict=True))
     assert x is not None and w is not None
-    with torch.enable_grad():
+    with torch.enable_grad(), keep_for_backward():
         return x, s_x, w, s_w, _apply(ops[0], x, s_x), _apply(ops[1], w, s_w)
 
 
