@@ -20,7 +20,6 @@ by ``(seed, epoch)``.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -29,12 +28,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image
 
 from lightning_dbq.data._base import resize_center_crop
-from lightning_dbq.data.imagefolder import ImageFolderDataModule
+from lightning_dbq.data.imagefolder import ImageFolderDataModule, decode_rgb_bytes
 from lightning_dbq.models.cifar_resnet import CIFAR10_MEAN, CIFAR10_STD
 
 __all__ = ["DeviceBatches", "build_cache", "crop_flip", "decode_bytes", "load_cache"]
@@ -80,16 +77,8 @@ def build_cache(
 
 
 def decode_bytes(data: np.ndarray, size: int, name: str = "image") -> Tensor:
-    """One image file's bytes -> ``(3, size, size)`` uint8 RGB (torchvision's decoder, PIL as fallback)."""
-    try:
-        image = decode_image(torch.from_numpy(data.copy()), mode=ImageReadMode.RGB)
-    except RuntimeError:
-        try:
-            with Image.open(io.BytesIO(data.tobytes())) as pil:
-                image = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1).contiguous()
-        except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, ...)
-            raise ValueError(f"cannot decode {name}: {type(e).__name__}: {e}") from e
-    return resize_center_crop(image, size)
+    """One image file's bytes -> ``(3, size, size)`` uint8 RGB (the library's decoder, then resize/crop if needed)."""
+    return resize_center_crop(decode_rgb_bytes(torch.from_numpy(data.copy()), name), size)
 
 
 def _rows(meta: dict[str, Any], key: str) -> list[int]:

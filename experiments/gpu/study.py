@@ -60,19 +60,13 @@ def plan_epochs(budget_s: float, fp32_epoch_s: float, pass_epoch_s: float, arms:
     return max(1, math.floor(budget_s / per_e))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed_steps(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> float:
+def _timed_steps(step: Callable[[], None], warmup: int, steps: int) -> float:
+    """Mean seconds per call of ``step`` (P1's step closure: it synchronises CUDA itself)."""
     for _ in range(warmup):
         step()
-    _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
     return (time.perf_counter() - t0) / steps
 
 
@@ -86,13 +80,15 @@ def probe_epoch_times(train: DeviceBatches, kernel: str, steps: int = 10) -> tup
     fp = create_fp_model(RECIPE["model"], num_classes=10).to(train.device)
     q = dbq.prepare(create_fp_model(RECIPE["model"], num_classes=10), bits=[8, 6, 4, 2], kernel=kernel).to(train.device)
     dbq.set_bits(q, 4)
-    t_fp = _timed_steps(step_fn(fp, x, y), train.device, 3, steps)
-    t_q = _timed_steps(step_fn(q, x, y), train.device, 3, steps)
+    t_fp = _timed_steps(step_fn(fp, x, y), 3, steps)
+    t_q = _timed_steps(step_fn(q, x, y), 3, steps)
     per_epoch = len(train) * 1.1  # + validation (5k images, forward only) and loop overhead
     return t_fp * per_epoch, t_q * per_epoch
 
 
-def _fit(module: Any, epochs: int, train: DeviceBatches, val: DeviceBatches, out: Path, device: torch.device) -> dict:
+def _fit(
+    module: Any, epochs: int, train: DeviceBatches, val: DeviceBatches, out: Path, device: torch.device
+) -> dict[str, Any]:
     import lightning.pytorch as pl
 
     trainer = pl.Trainer(accelerator=device.type, devices=1, max_epochs=epochs, logger=False,

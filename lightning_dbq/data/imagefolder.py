@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,24 +38,29 @@ def decode_rgb(path: str) -> Tensor:
     """Decode an image file to a ``(3, H, W)`` uint8 RGB tensor (torchvision's decoder, PIL as fallback).
 
     Raises:
-        ValueError: naming the file, when it cannot be decoded or is a truncated JPEG (libjpeg would otherwise
-            fill the missing part with gray without an error).
+        ValueError: naming the file, when it cannot be read or decoded or is a truncated JPEG (libjpeg would
+            otherwise fill the missing part with gray without an error).
     """
     try:
         data = read_file(path)
     except RuntimeError as e:
         raise ValueError(f"cannot read image file {path!r}: {e}") from e
+    return decode_rgb_bytes(data, f"image file {path!r}")
+
+
+def decode_rgb_bytes(data: Tensor, name: str = "image") -> Tensor:
+    """Decode an image file's bytes (1-d uint8 tensor) like :func:`decode_rgb`; errors name ``name``."""
     head, tail = bytes(data[:2].tolist()), bytes(data[-1024:].tolist())
     if head == b"\xff\xd8" and b"\xff\xd9" not in tail:
-        raise ValueError(f"truncated JPEG {path!r}: no end-of-image marker ({data.numel()} bytes); re-copy the file")
+        raise ValueError(f"truncated JPEG {name}: no end-of-image marker ({data.numel()} bytes); re-copy the file")
     try:
         return decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError:
         try:
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
                 return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
         except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
-            raise ValueError(f"cannot decode image file {path!r}: {type(e).__name__}: {e}") from e
+            raise ValueError(f"cannot decode {name}: {type(e).__name__}: {e}") from e
 
 
 def _check_dir(name: str, path: str) -> str:
