@@ -6,6 +6,9 @@ Spec keys (all optional but ``model``): ``fp32`` (true: the unquantized model), 
 ``weight_mode``, ``skip``, ``kernel`` (``prepare`` options), ``grad`` (``enable_grad_quant`` settings, null: exact),
 ``batch_size`` (128), ``image_size`` (32), ``num_classes`` (10), ``device`` (``cpu`` | ``cuda``).
 
+``warm_step`` (true: a two-image forward and backward before the steps, so that one-off costs of a first backward are
+outside them).
+
 Prints one JSON line (MiB). CPU: the resident set before the first step (model, Adam, batch built, activation scales
 initialised) and the peak (``ru_maxrss``) over three steps; ``extra_mib`` is their difference: what the step itself
 needs (activations saved for backward, gradients, optimizer state, temporaries). CUDA: ``max_memory_allocated`` over
@@ -61,7 +64,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     x = torch.randn(n, 3, size, size, device=device)
     y = torch.randint(0, spec.get("num_classes", 10), (n,), device=device)
     with torch.no_grad():
-        net(x[:2])  # first-batch scale initialisation (and, for kernel=compile, the compilation) outside the steps
+        net(x[:2])  # first-batch scale initialisation (and the compiled inference graphs) outside the steps
+    if spec.get("warm_step"):  # also the one-off costs of a first backward (compiled training graphs, oneDNN's
+        F.cross_entropy(net(x[:2]), y[:2]).backward()  # backward primitives, ...): two images, no optimizer step
+        opt.zero_grad(set_to_none=True)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()

@@ -134,7 +134,7 @@ class ActQuantizer(nn.Module):
     def _op(self, x: Tensor, bits: int, signed: bool) -> FakeQuantOp:
         """LSQ fake-quant at ``bits`` (the kernel back-end's ``lsq``), its gradient scale from ``x``'s size."""
         g = lsq_grad_scale(max(x[0].numel(), 1), qrange(bits, signed)[1])
-        return FakeQuantOp(kernels(self.kernel, x.device.type).lsq, (bits, signed, g))
+        return kernels(self.kernel, x.device.type).lsq_op(bits, signed, g)
 
     def frozen(self) -> nn.Module:
         """The fixed module computing this quantizer's forward at its active bits (:func:`~lightning_dbq.freeze`)."""

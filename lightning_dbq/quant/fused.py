@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -32,7 +32,41 @@ from torch import Tensor
 
 from lightning_dbq.quant.functional import MAX_BITS, MIN_BITS, _check_bits, qrange
 
-__all__ = ["fused_double_round_fake", "fused_lsq_fake", "keep_for_backward"]
+__all__ = [
+    "Window",
+    "double_round_window",
+    "fused_double_round_fake",
+    "fused_lsq_fake",
+    "keep_for_backward",
+    "lsq_window",
+    "operand_grads_",
+    "rebuild",
+]
+
+
+class Window(NamedTuple):
+    """The constants of one fake quantizer: ``y = s · step · rhu(rhu(clamp(x / s, lo, hi)) / step)`` with gradient
+    scale ``g`` (``step = 1``: plain LSQ)."""
+
+    lo: float
+    hi: float
+    step: float
+    g: float
+
+
+def lsq_window(bits: int, signed: bool, g: float = 1.0) -> Window:
+    """The :class:`Window` of :func:`fused_lsq_fake` ``(·, ·, bits, signed, g)``."""
+    if not (MIN_BITS <= bits <= MAX_BITS):
+        raise ValueError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
+    lo, hi = qrange(bits, signed)
+    return Window(float(lo), float(hi), 1.0, g)
+
+
+def double_round_window(high_bits: int, bits: int, g: float = 1.0) -> Window:
+    """The :class:`Window` of :func:`fused_double_round_fake` ``(·, ·, high_bits, bits, g)``."""
+    step = float(1 << _check_bits(high_bits, bits))
+    lo, hi = qrange(bits, signed=True)
+    return Window(lo * step, hi * step, step, g)
 
 
 def _inner(lo: float, hi: float) -> tuple[float, float]:
@@ -135,16 +169,33 @@ def _keeping() -> bool:
 
 def fused_lsq_fake(x: Tensor, scale: Tensor, bits: int, signed: bool, g: float = 1.0) -> Tensor:
     """Fused :func:`~lightning_dbq.quant.functional.lsq_fake`: same forward bit for bit, same gradients."""
-    if not (MIN_BITS <= bits <= MAX_BITS):
-        raise ValueError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
-    lo, hi = qrange(bits, signed)
-    out: Tensor = _FakeQuant.apply(x.float(), scale.float(), float(lo), float(hi), 1.0, g)
+    out: Tensor = _FakeQuant.apply(x.float(), scale.float(), *lsq_window(bits, signed, g))
     return out.to(x.dtype)
 
 
 def fused_double_round_fake(w: Tensor, scale: Tensor, high_bits: int, bits: int, g: float = 1.0) -> Tensor:
     """Fused :func:`~lightning_dbq.quant.functional.double_round_fake`: same forward bit for bit, same gradients."""
-    step = float(1 << _check_bits(high_bits, bits))
-    lo, hi = qrange(bits, signed=True)
-    out: Tensor = _FakeQuant.apply(w.float(), scale.float(), lo * step, hi * step, step, g)
+    out: Tensor = _FakeQuant.apply(w.float(), scale.float(), *double_round_window(high_bits, bits, g))
     return out.to(w.dtype)
+
+
+def rebuild(x: Tensor, s: Tensor, window: Window) -> tuple[Tensor, Tensor]:
+    """The fake-quantized ``y`` (the forward's values bit for bit) and the mask ``lo < x / s < hi``, without a graph:
+    one float and one bool allocation (float32 ``x`` and ``s``)."""
+    lo, hi, step, _ = window
+    v = x / s
+    inside = _strictly_inside(v, lo, hi)
+    return _codes_(v, lo, hi, step).mul_(s), inside
+
+
+def operand_grads_(
+    grad: Tensor, y: Tensor, inside: Tensor, x: Tensor, s: Tensor, window: Window, needs: tuple[bool, bool]
+) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of ``(x, s)`` given ``grad = dL/dy`` and :func:`rebuild`'s ``(y, inside)``, as the fused
+    backward computes them (same values bit for bit), without allocating: ``grad`` becomes ``dL/dx`` and ``y`` is
+    overwritten. Grad mode must be off (a backward without ``create_graph``). For finite ``x``: an infinite input
+    (outside the window) makes the scale gradient NaN here, where the fused backward ignores it."""
+    grad_s = None
+    if needs[1]:  # y − x inside, y outside (x·0 = ±0 leaves y as it is), then Σ grad · u to s's shape
+        grad_s = _scale_grad(grad, y.addcmul_(x, inside, value=-1.0), s, window.g)
+    return (grad.mul_(inside) if needs[0] else None), grad_s

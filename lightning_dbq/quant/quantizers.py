@@ -387,8 +387,8 @@ class DoubleRoundWeightQuantizer(_SharedScaleWeightQuantizer):
 
     def _op(self, w: Tensor) -> tuple[FakeQuantOp, Tensor]:
         s = self.effective_scale()
-        fn = kernels(self.kernel, w.device.type).double_round
-        return FakeQuantOp(fn, (self.high_bits, self.active_bits, self._grad_scale(w, s))), s
+        k = kernels(self.kernel, w.device.type)
+        return k.double_round_op(self.high_bits, self.active_bits, self._grad_scale(w, s)), s
 
     @classmethod
     def nest_codes(cls, q_high: Tensor, high_bits: int, bits: int) -> Tensor:
@@ -459,4 +459,4 @@ class UnsharedWeightQuantizer(WeightQuantizer):
     def _op(self, w: Tensor) -> tuple[FakeQuantOp, Tensor]:
         s = self.effective_scale()
         g = lsq_grad_scale(w.numel() // s.numel(), qrange(self.active_bits, signed=True)[1])
-        return FakeQuantOp(kernels(self.kernel, w.device.type).lsq, (self.active_bits, True, g)), s
+        return kernels(self.kernel, w.device.type).lsq_op(self.active_bits, True, g), s

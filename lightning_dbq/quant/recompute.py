@@ -7,17 +7,26 @@ the latent ``W``. :func:`recomputed_conv` runs the three as one ``torch.autograd
 and the two scales instead, and rebuilds ``Q_a(x)`` and ``Q_w(W)`` in the backward (element-wise passes, cheap
 next to the convolution). It saves what the unquantized ``conv(x, W)`` saves.
 
-Values are unchanged bit for bit: the forward makes the same fake-quant calls (without grad mode: nothing of
-them is kept) and the same convolution; the backward calls ``aten.convolution_backward`` with the arguments
-autograd's own convolution node passes, on the same operands (fake quantization is deterministic), then
-differentiates the same fake-quant calls.
+The forward makes the same fake-quant calls (without grad mode: nothing of them is kept) and the same convolution,
+so its values are unchanged bit for bit. The backward rebuilds the operands, calls ``aten.convolution_backward``
+with the arguments autograd's own convolution node passes, then applies the fake quantizers' backward:
+
+* closed form (the ``fused`` kernel's LSQ and Double Rounding, float32): the operand and its mask are rebuilt
+  without a graph and the gradients computed in place, in the rebuilt operand's and the incoming gradient's
+  buffers (:func:`~lightning_dbq.quant.fused.rebuild`, :func:`~lightning_dbq.quant.fused.operand_grads_`): the
+  fused kernel's gradients bit for bit, with fewer passes than its own backward;
+* otherwise (the ``compile`` kernel's generated graphs, the ``eager`` reference, floor nesting, binary
+  activations, other dtypes): the fake-quant call is re-run with its graph and differentiated (the plain path's
+  gradients bit for bit).
+
 Under ``create_graph=True`` (Hessian-vector products) the backward re-runs the whole forward with its graph and
 differentiates that, so double backward is the composite one.
 
 Applies to exact ``nn.Conv{1,2,3}d`` layers with zero padding, under grad mode, without autocast and outside
 ``torch.compile`` / ``torch.jit`` traces (:func:`recomputable`); everything else (linear layers, timm's conv
 subclasses, binary weights, FQT's quantized backward) takes the plain path. The cost is the fake quantization
-computed once more in the backward (~10 % of a CPU step of cifar_resnet20 with the fused kernel).
+computed once more in the backward; with the fused kernel the closed form more than makes up for it (fewer passes
+than the fused backward itself).
 
 A fake quantizer enters as a :class:`FakeQuantOp` (a function of ``(x, scale)`` plus its constant arguments, fixed
 when the forward runs: a bit switch or a scale update between forward and backward does not change what is
@@ -35,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from lightning_dbq.quant.fused import keep_for_backward
+from lightning_dbq.quant.fused import Window, keep_for_backward, operand_grads_, rebuild
 
 __all__ = ["FakeQuantOp", "Operand", "conv_geometry", "recomputable", "recomputed_conv"]
 
@@ -44,10 +53,16 @@ Geometry = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]
 
 
 class FakeQuantOp(NamedTuple):
-    """A pure fake-quant function and its constant arguments: ``op(x, scale) == fn(x, scale, *args)``."""
+    """A pure fake-quant function and its constant arguments: ``op(x, scale) == fn(x, scale, *args)``.
+
+    ``window``: the op's closed form (the fused kernel's LSQ / Double Rounding): the backward then rebuilds the
+    operand and its gradients in place (:func:`~lightning_dbq.quant.fused.rebuild`), without a graph. ``None``: the
+    backward re-runs ``fn`` with its graph and differentiates it.
+    """
 
     fn: Callable[..., Tensor]
     args: tuple[Any, ...] = ()
+    window: Window | None = None
 
     def __call__(self, x: Tensor, scale: Tensor) -> Tensor:
         """Fake-quantize ``x`` with ``scale``."""
@@ -86,35 +101,38 @@ def _apply(op: FakeQuantOp | None, t: Tensor, scale: Tensor | None) -> Tensor:
     return t if op is None or scale is None else op(t, scale)
 
 
-def _leaf(t: Tensor | None, needed: bool) -> Tensor | None:
-    """A detached copy of ``t`` (same storage) that requires grad when ``needed``."""
-    return None if t is None else t.detach().requires_grad_(needed)
+Backward = Callable[[Tensor | None], list[Tensor | None]]
 
 
-def _rebuild(
-    tensors: Sequence[Tensor | None], needs: Sequence[bool], ops: tuple[FakeQuantOp | None, FakeQuantOp | None]
-) -> tuple[Any, ...]:
-    """Leaves of ``(x, s_x, w, s_w)`` that require grad as the node's inputs do, and the fake-quantized operands
-    ``(xq, wq)`` made from them with grad mode on (graphs that live only until :func:`_through` has run: fused
-    kernels keep their output and mask in them, :func:`~lightning_dbq.quant.fused.keep_for_backward`)."""
-    x, s_x, w, s_w = (_leaf(t, n) for t, n in zip(tensors, needs, strict=True))
-    assert x is not None and w is not None
+def _operand(t: Tensor, scale: Tensor | None, op: FakeQuantOp | None, needs: Sequence[bool]) -> tuple[Tensor, Backward]:
+    """One rebuilt operand (no graph) and the function mapping its gradient to the gradients of ``(t, scale)``.
+
+    Closed form (float32 ``t`` and ``scale``, :attr:`FakeQuantOp.window`): :func:`~lightning_dbq.quant.fused.rebuild`
+    and :func:`~lightning_dbq.quant.fused.operand_grads_`, which overwrite the rebuilt value and the incoming gradient
+    (both owned here). Otherwise ``op`` is re-run with its graph on leaves that require grad as the node's inputs
+    do, and differentiated (a graph that lives only until then: fused kernels keep their output and mask in it,
+    :func:`~lightning_dbq.quant.fused.keep_for_backward`).
+    """
+    if op is None or scale is None:
+        return t, lambda g: [g, None]
+    window = op.window
+    if window is not None and t.dtype == scale.dtype == torch.float32:
+        y, inside = rebuild(t, scale, window)
+        return y, lambda g: list(operand_grads_(g, y, inside, t, scale, window, (needs[0], needs[1])))
+    leaf, s_leaf = t.detach().requires_grad_(needs[0]), scale.detach().requires_grad_(needs[1])
     with torch.enable_grad(), keep_for_backward():
-        return x, s_x, w, s_w, _apply(ops[0], x, s_x), _apply(ops[1], w, s_w)
+        out = op(leaf, s_leaf)
+    edge = get_gradient_edge(out) if out.requires_grad else None
+    return out.detach(), lambda g: _through(edge, g, [leaf, s_leaf])
 
 
-def _edge(t: Tensor, op: FakeQuantOp | None) -> GradientEdge | None:
-    """Where the gradient of the fake-quantized ``t`` enters its graph (``None``: no op, or nothing needs it)."""
-    return get_gradient_edge(t) if op is not None and t.requires_grad else None
-
-
-def _through(edge: GradientEdge | None, grad: Tensor | None, inputs: Sequence[Tensor | None]) -> list[Tensor | None]:
+def _through(edge: GradientEdge | None, grad: Tensor | None, inputs: Sequence[Tensor]) -> list[Tensor | None]:
     """The gradients of ``inputs`` given ``grad`` at ``edge`` (``None`` for those that need none)."""
-    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    wanted = [t for t in inputs if t.requires_grad]
     if edge is None or grad is None or not wanted:
         return [None] * len(inputs)
     found = iter(torch.autograd.grad([edge], wanted, [grad], allow_unused=True))
-    return [next(found) if t is not None and t.requires_grad else None for t in inputs]
+    return [next(found) if t.requires_grad else None for t in inputs]
 
 
 def _conv_grads(
@@ -156,17 +174,18 @@ def _lean_grads(
     saved: Sequence[Tensor | None], needs: Sequence[bool], ops: tuple[FakeQuantOp | None, FakeQuantOp | None],
     geometry: Geometry, gy: Tensor,
 ) -> list[Tensor | None]:  # fmt: skip
-    """The gradients of ``(x, s_x, w, s_w, b)``: the fake-quantized operands rebuilt with their graphs, the
-    convolution's backward on them, then those graphs' backward."""
-    x, s_x, w, s_w, xq, wq = _rebuild(saved[:4], needs[:4], ops)
-    b = saved[4]
-    edges = _edge(xq, ops[0]), _edge(wq, ops[1])
-    mask = (xq.requires_grad, wq.requires_grad, bool(needs[4]))
-    g_xq, g_wq, g_b = _conv_grads(gy, xq.detach(), wq.detach(), b, geometry, mask)
-    del xq, wq  # the fake-quant graphs keep (x, s) only: the rebuilt operands go here
-    g_x, g_sx = _through(edges[0], g_xq, [x, s_x]) if ops[0] is not None else [g_xq, None]
-    del g_xq
-    g_w, g_sw = _through(edges[1], g_wq, [w, s_w]) if ops[1] is not None else [g_wq, None]
+    """The gradients of ``(x, s_x, w, s_w, b)``: the fake-quantized operands rebuilt, the convolution's backward on
+    them, then the fake quantizers' backward."""
+    x, s_x, w, s_w, b = saved
+    assert x is not None and w is not None
+    xq, x_back = _operand(x, s_x, ops[0], needs[0:2])
+    wq, w_back = _operand(w, s_w, ops[1], needs[2:4])
+    mask = (bool(needs[0] or needs[1]), bool(needs[2] or needs[3]), bool(needs[4]))
+    g_xq, g_wq, g_b = _conv_grads(gy, xq, wq, b, geometry, mask)
+    del xq, wq  # the closed form keeps the rebuilt values (its backward writes into them); the graphs keep (x, s)
+    g_x, g_sx = x_back(g_xq)
+    del g_xq, x_back
+    g_w, g_sw = w_back(g_wq)
     return [g_x, g_sx, g_w, g_sw, g_b]
 
 

@@ -173,7 +173,8 @@ def test_set_kernel_and_prepare_reject_unknown_backend() -> None:
 @pytest.mark.slow
 def test_compiled_kernels_match_eager() -> None:
     """torch.compile back-end (needs a C++ compiler on CPU; ~30-60 s of compilation, so only on request)."""
-    act, weight = kernels("compile")
+    compiled = kernels("compile")
+    act, weight = compiled.lsq, compiled.double_round
     x, s = _case((6, 5, 3, 3), per_channel=True, seed=3)
     xs = [x.clone().requires_grad_(True) for _ in range(2)]
     ss = [s.clone().requires_grad_(True) for _ in range(2)]

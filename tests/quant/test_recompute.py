@@ -14,7 +14,14 @@ from torch import Tensor, nn
 
 import lightning_dbq.quant.layers as layers_mod
 from lightning_dbq import prepare, set_bits
-from lightning_dbq.quant.fused import fused_double_round_fake, fused_lsq_fake
+from lightning_dbq.quant.fused import (
+    double_round_window,
+    fused_double_round_fake,
+    fused_lsq_fake,
+    lsq_window,
+    operand_grads_,
+    rebuild,
+)
 from lightning_dbq.quant.layers import make_quant_layer
 from tests.helpers.tiny import TinyNet
 
@@ -225,3 +232,39 @@ def test_plain_path_without_grad_under_autocast_and_for_string_padding() -> None
     assert conv_geometry(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")) is None
     assert conv_geometry(nn.Linear(2, 2)) is None
     assert conv_geometry(nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2)) == ((2, 2), (1, 1), (1, 1), 2)
+
+
+@pytest.mark.parametrize("kind", ["lsq_signed", "lsq_unsigned", "double_round"])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])
+def test_closed_form_backward_is_the_fused_backward(kind: str, per_channel: bool, needs: tuple[bool, bool]) -> None:
+    """``rebuild`` gives the fused forward and ``operand_grads_`` the fused gradients bit for bit, in place in the
+    incoming gradient, at grid points, rounding ties and the clip bounds too."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 5, 4, 4, generator=gen) * 2
+    s = torch.rand((6, 1, 1, 1) if per_channel else (), generator=gen) * 0.05 + 0.01
+    s0 = float(s.reshape(-1)[0])
+    flat = x.view(-1)
+    flat[:30] = (torch.arange(30, dtype=torch.float32) - 15) * 0.5 * s0  # ties and grid points
+    flat[30:40] = torch.tensor([-128, 127, 128, -129, 255, 256, 0, -8, 7, 15], dtype=torch.float32) * s0
+    g = 0.37
+    if kind == "double_round":
+        window, fn = double_round_window(8, 3, g), lambda a, b: fused_double_round_fake(a, b, 8, 3, g)
+    else:
+        window = lsq_window(4, kind == "lsq_signed", g)
+        fn = lambda a, b: fused_lsq_fake(a, b, 4, kind == "lsq_signed", g)  # noqa: E731
+    xa, sa = x.clone().requires_grad_(needs[0]), s.clone().requires_grad_(needs[1])
+    gy = torch.randn(x.shape, generator=gen)
+    ya = fn(xa, sa)
+    ya.backward(gy)
+    y, inside = rebuild(x, s, window)
+    assert torch.equal(y, ya.detach())
+    v = (x / s).double()
+    assert torch.equal(inside, (v > window.lo) & (v < window.hi))
+    grad = gy.clone()
+    gx, gs = operand_grads_(grad, y, inside, x, s, window, needs)
+    assert (gx is None) != needs[0] and (gs is None) != needs[1]
+    if gx is not None:
+        assert torch.equal(gx, xa.grad) and gx.data_ptr() == grad.data_ptr()  # written into the incoming gradient
+    if gs is not None:
+        assert gs.shape == s.shape and torch.equal(gs, sa.grad)
