@@ -29,9 +29,10 @@ KERNELS = ("auto", "fused")  # the default (compile where a probe works, else fu
 
 
 def bench_model(
-    name: str, batch: int, device: str, kernels: tuple[str, ...] = KERNELS, rounds: int = 3
+    name: str, batch: int, device: str, kernels: tuple[str, ...] = KERNELS, rounds: int = 3, warm: bool = True
 ) -> list[BenchResult]:
-    """FP32 and one quantized variant per kernel, ``rounds`` fresh processes each; one result per kernel."""
+    """FP32 and one quantized variant per kernel, ``rounds`` fresh processes each (``warm``: plus one ``warm_step``
+    run each, in the details); one result per kernel."""
     base: dict[str, Any] = {"model": name, "batch_size": batch, "device": device}
     specs: dict[str, dict[str, Any]] = {"fp32": {**base, "fp32": True}}
     specs.update({k: {**base, "bits": [8, 6, 4, 2], "active_bits": 4, "kernel": k} for k in kernels})
@@ -40,7 +41,7 @@ def bench_model(
         for key, spec in specs.items():
             runs[key].append(run_probe(spec))
     extra = {k: [r["extra_mib"] for r in v] for k, v in runs.items()}
-    warm = {k: run_probe({**spec, "warm_step": True})["extra_mib"] for k, spec in specs.items()}
+    warm_mib = {k: run_probe({**spec, "warm_step": True})["extra_mib"] for k, spec in specs.items()} if warm else {}
     fp32_mean = statistics.fmean(extra["fp32"])
     out = []
     for kernel in kernels:
@@ -50,9 +51,10 @@ def bench_model(
                    "rounds": rounds, "extra_mib": {"fp32": extra["fp32"], "quantized": extra[kernel]},
                    "per_run_ratio_min_max": [min(extra[kernel]) / max(extra["fp32"]),
                                              max(extra[kernel]) / min(extra["fp32"])],
-                   "fp32": runs["fp32"], "quantized": runs[kernel], "value": what,
-                   "warm_step_extra_mib": {"fp32": warm["fp32"], "quantized": warm[kernel]},
-                   "warm_step_ratio": warm[kernel] / warm["fp32"]}  # fmt: skip
+                   "fp32": runs["fp32"], "quantized": runs[kernel], "value": what}  # fmt: skip
+        if warm_mib:
+            details["warm_step_extra_mib"] = {"fp32": warm_mib["fp32"], "quantized": warm_mib[kernel]}
+            details["warm_step_ratio"] = warm_mib[kernel] / warm_mib["fp32"]
         suffix = "" if kernel == "auto" else f"_{kernel}"
         title = f"P8 {name} step peak extra memory / FP32 (b{batch}, 32px, w4a4, kernel={kernel}, {device})"
         out.append(BenchResult(f"P8_{name}{suffix}", title, ratio, TARGET, details=details))
@@ -63,7 +65,7 @@ def run(quick: bool = False) -> list[BenchResult]:
     """P8 for cifar_resnet20 and resnet18 (on CUDA when available)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if quick:
-        return bench_model("cifar_resnet20", 32, device, ("auto",), rounds=1)
+        return bench_model("cifar_resnet20", 32, device, ("auto",), rounds=1, warm=False)
     return [*bench_model("cifar_resnet20", 128, device), *bench_model("resnet18", 128, device)]
 
 

@@ -90,7 +90,7 @@ def _bench(device: str, smoke: bool, kernel: str) -> dict[str, Any]:
         out[r.key] = {"value": r.value, "target": r.target, "met": r.met, "median_s": r.details["median_s"],
                       "first_dbq_step_s": r.details["first_dbq_step_s"]}  # fmt: skip
         rounds = 3 if device == "cpu" and not smoke else 1  # CUDA's allocator statistics do not vary by run
-        for m in p8_memory.bench_model(name, batch, device, (kernel,), rounds=rounds):
+        for m in p8_memory.bench_model(name, batch, device, (kernel,), rounds=rounds, warm=False):
             out[m.key] = {"value": m.value, "target": m.target, "met": m.met,
                           "fp32_extra_mib": m.details["extra_mib"]["fp32"],
                           "quantized_extra_mib": m.details["extra_mib"]["quantized"]}  # fmt: skip
