@@ -139,7 +139,7 @@ class _FakeQuant(torch.autograd.Function):
                 u = _codes_(v, lo, hi, step).mul_(s).sub_(torch.where(inside, x, 0.0))
             grad_s = _scale_grad(grad, u, s, g)
             del u
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_x = grad * inside.to(grad.dtype) if ctx.needs_input_grad[0] else None  # float · float: see operand_grads_
         return grad_x, grad_s, None, None, None, None
 
 
@@ -192,10 +192,14 @@ def operand_grads_(
     grad: Tensor, y: Tensor, inside: Tensor, x: Tensor, s: Tensor, window: Window, needs: tuple[bool, bool]
 ) -> tuple[Tensor | None, Tensor | None]:
     """The gradients of ``(x, s)`` given ``grad = dL/dy`` and :func:`rebuild`'s ``(y, inside)``, as the fused
-    backward computes them (same values bit for bit), without allocating: ``grad`` becomes ``dL/dx`` and ``y`` is
-    overwritten. Grad mode must be off (a backward without ``create_graph``). For finite ``x``: an infinite input
-    (outside the window) makes the scale gradient NaN here, where the fused backward ignores it."""
+    backward computes them (same values bit for bit), in place: ``grad`` becomes ``dL/dx`` and ``y`` is overwritten
+    (one allocation: the mask as float32). Grad mode must be off (a backward without ``create_graph``). For finite
+    ``x``: an infinite input (outside the window) makes the scale gradient NaN here, where the fused backward ignores
+    it."""
+    # the mask as float32 0/1: float · bool takes PyTorch's mixed-dtype path, several times slower than a float pass
+    # on CPU (one float copy of the mask is cheaper than two such passes)
+    mask = inside.to(grad.dtype)
     grad_s = None
     if needs[1]:  # y − x inside, y outside (x·0 = ±0 leaves y as it is), then Σ grad · u to s's shape
-        grad_s = _scale_grad(grad, y.addcmul_(x, inside, value=-1.0), s, window.g)
-    return (grad.mul_(inside) if needs[0] else None), grad_s
+        grad_s = _scale_grad(grad, y.addcmul_(x, mask, value=-1.0), s, window.g)
+    return (grad.mul_(mask) if needs[0] else None), grad_s
