@@ -11,6 +11,10 @@ One "step" = ``zero_grad`` + forward + cross-entropy + backward + ``Adam.step`` 
 * ``lsq``: :mod:`experiments.bench.lsq_reference` at 4 bits (weights and activations), the same layers quantized
   (first and last layers FP in all variants).
 
+The full run measures each figure in :data:`PROCESSES` fresh processes (the variants interleaved round by round in
+each) and reports the median of their ratios; each process's rounds, medians and page faults per step are kept in
+the details. ``--quick`` and ``make gpu-check`` time in-process.
+
 The optimizer is plain ``Adam`` over all parameters for every variant (per-bit norms of inactive bits get no
 gradient and are skipped), so the ratio measures the layers, not ALRS bookkeeping.
 """
@@ -18,8 +22,14 @@ gradient and are skipped), so the ratio measures the layers, not ALRS bookkeepin
 from __future__ import annotations
 
 import copy
+import json
+import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -37,6 +47,7 @@ __all__ = ["run", "step_fn"]
 
 TARGET = "<= 1.15"
 BITS = 4
+PROCESSES = 3  # fresh processes per figure in the full run (see bench_processes)
 
 
 def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -80,6 +91,7 @@ def bench_model(
     steps["dbq"]()  # first step: activation-scale init (and, for kernel="compile", the compilation)
     first_step_s = time.perf_counter() - t0
     times = interleaved_times(steps, warmup=warmup, repeats=repeats)
+    faults = {k: _page_faults(fn) for k, fn in steps.items()} if device == "cpu" else {}
     med = {k: median(v) for k, v in times.items()}
     per_round = [d / f for d, f in zip(times["dbq"], times["fp32"], strict=True)]
     ratio = median(per_round)  # adjacent interleaved runs: robust to slow load drift on the shared machine
@@ -102,6 +114,8 @@ def bench_model(
         "per_round_ratio_min_max": [min(per_round), max(per_round)],
         "times_s": times,
     }
+    if faults:  # allocator churn: glibc returning and re-faulting heap pages every step (varies per process)
+        details["page_faults_per_step"] = faults
     if ratio > float(TARGET.split()[1]):
         details["why"] = (
             f"{ratio:.2f}x with kernel={kernel!r}. Eager fake-quant costs element-wise passes over every conv input "
@@ -114,32 +128,85 @@ def bench_model(
     return BenchResult(key, title, ratio, TARGET, details=details)
 
 
-def run(quick: bool = False) -> list[BenchResult]:
-    """P1 for timm resnet18 and cifar_resnet20."""
+def _page_faults(step: Callable[[], None], steps: int = 3) -> float:
+    """Mean minor page faults per call of ``step`` (fresh pages the allocator had to take from the OS)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(steps):
+        step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
+
+
+def _model(name: str) -> nn.Module:
+    """A freshly initialised FP32 model by name (seed 0)."""
     setup_torch()
-    r18 = timm.create_model("resnet18", num_classes=10)
-    r20 = create_fp_model("cifar_resnet20", num_classes=10)
+    if name == "resnet18":
+        return timm.create_model("resnet18", num_classes=10)
+    return create_fp_model(name, num_classes=10)
+
+
+def bench_processes(key: str, name: str, batch: int, warmup: int, repeats: int, kernel: str,
+                    processes: int = PROCESSES) -> BenchResult:  # fmt: skip
+    """:func:`bench_model` in ``processes`` fresh Python processes; the figure is the median of their ratios.
+
+    One process's figure depends on state that 15 rounds inside it cannot average out: where glibc puts the step's
+    blocks decides whether some of them are returned to the OS and faulted back in every step (seen: 0 vs 23,000
+    page faults per step for the same variant in two processes, 1.10x vs 1.29x). Each process's details are kept.
+    """
+    spec = {"key": key, "name": name, "batch": batch, "warmup": warmup, "repeats": repeats, "kernel": kernel}
+    found = [_run_process(spec) for _ in range(processes)]
+    ratios = [r["value"] for r in found]
+    first = found[0]["details"]
+    details = {k: first[k] for k in ("model", "batch", "image_size", "bits", "kernel", "kernel_resolved", "device")}
+    details.update({
+        "value": f"median over {processes} fresh processes of (median over rounds of dbq step / fp32 step)",
+        "per_process_ratio": ratios,
+        "lsq_reference_over_fp32": median([r["details"]["lsq_reference_over_fp32"] for r in found]),
+        "processes": [r["details"] for r in found],
+    })  # fmt: skip
+    why = [r["details"]["why"] for r in found if "why" in r["details"]]
+    if median(ratios) > float(TARGET.split()[1]) and why:
+        details["why"] = why[0]
+    return BenchResult(key, found[0]["title"], median(ratios), TARGET, details=details)
+
+
+def _run_process(spec: dict[str, Any]) -> dict[str, Any]:
+    """One :func:`bench_model` in a fresh process (``python -m experiments.bench.p1_step SPEC``): its JSON entry."""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench.p1_step", json.dumps(spec)],
+                          capture_output=True, text=True, cwd=root, timeout=1800)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"P1 process {spec} failed: {proc.stderr[-2000:]}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def _main(spec: dict[str, Any]) -> dict[str, Any]:
+    """The JSON entry of :func:`bench_model` for a spec of :func:`bench_processes` (run in a fresh process)."""
+    model = _model(spec["name"])
+    r = bench_model(spec["key"], spec["name"], model, spec["batch"], spec["warmup"], spec["repeats"], spec["kernel"])
+    return {"title": r.title, **r.to_json()}
+
+
+def run(quick: bool = False) -> list[BenchResult]:
+    """P1 for timm resnet18 and cifar_resnet20 (full run: :data:`PROCESSES` fresh processes per figure)."""
     if quick:
         return [
-            bench_model("P1_resnet18", "resnet18", r18, batch=32, warmup=1, repeats=3),
-            bench_model("P1_cifar_resnet20", "cifar_resnet20", r20, batch=64, warmup=1, repeats=3),
-        ]
+            bench_model("P1_resnet18", "resnet18", _model("resnet18"), batch=32, warmup=1, repeats=3),
+            bench_model("P1_cifar_resnet20", "cifar_resnet20", _model("cifar_resnet20"), batch=64, warmup=1,
+                        repeats=3),
+        ]  # fmt: skip
     out = []
     for kernel in ("auto", "fused"):  # the default (compile where a probe works, else fused), and the fallback
         suffix = "" if kernel == "auto" else f"_{kernel}"
         out += [
-            bench_model(f"P1_resnet18{suffix}", "resnet18", r18, batch=128, warmup=2, repeats=15, kernel=kernel),
-            bench_model(f"P1_cifar_resnet20{suffix}", "cifar_resnet20", r20, 128, warmup=3, repeats=15, kernel=kernel),
+            bench_processes(f"P1_resnet18{suffix}", "resnet18", 128, warmup=2, repeats=9, kernel=kernel),
+            bench_processes(f"P1_cifar_resnet20{suffix}", "cifar_resnet20", 128, warmup=3, repeats=9, kernel=kernel),
         ]
     return out
 
 
 if __name__ == "__main__":
-    for r in run():
-        print(
-            r.key,
-            f"{r.value:.3f}",
-            r.target,
-            r.details["median_s"],
-            f"lsq/fp32={r.details['lsq_reference_over_fp32']:.3f}",
-        )
+    if len(sys.argv) > 1:
+        print(json.dumps(_main(json.loads(sys.argv[1]))))
+    else:
+        for r in run():
+            print(r.key, f"{r.value:.3f}", r.target, r.details["per_process_ratio"])
