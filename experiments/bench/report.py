@@ -26,7 +26,8 @@ scripts named next to it.
 
 _HEADING = "## Performance benchmarks (`experiments/bench/`, `make bench`)"
 _HOW = {
-    "P1": "one fwd+bwd+Adam step at w4a4 ({8,6,4,2} model) vs the FP32 model, same batch; median of interleaved runs",
+    "P1": "one fwd+bwd+Adam step at w4a4 ({8,6,4,2} model) vs the FP32 model, same batch; median over 3 fresh "
+    "processes of the median of interleaved rounds",
     "P2": "Lightning `DBQModule` epochs: bits=[8,6,4,2] vs four bits=[b] runs, CIFAR-10 JPEG subset",
     "P3": "`set_bits` on a `load_int`-ed resnet50 vs one `inference_mode` forward (1x3x224x224)",
     "P4": "`save_int` file size vs FP32 `state_dict` tensor bytes",
@@ -157,7 +158,8 @@ def render_block(data: dict[str, Any]) -> str:
     """The markdown table of ``bench.json`` (between the markers)."""
     lines = [
         README_START,
-        f"Re-run: `make bench` (full, ~12 min) or `uv run python -m experiments.bench.run_all --only P3,P4`; "
+        "Re-run: `make bench` (full; P1 and P8 alone take ~25 min) or "
+        "`uv run python -m experiments.bench.run_all --only P3,P4`; "
         f"`--quick` is a smoke run that writes nothing. Results: `experiments/results/bench.json`; scripts: "
         f"`experiments/bench/`. {data['device']}, torch {data['torch']}, {data['threads']} thread; ratios are "
         "measured within one run (variants interleaved, warm-up, median of repeats).",
