@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import gc
+import json
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["BenchResult", "fmt", "interleaved_times", "median", "setup_torch", "timed"]
+__all__ = ["BenchResult", "fmt", "interleaved_times", "median", "run_module", "setup_torch", "timed"]
 
 
 @dataclass
@@ -101,3 +105,14 @@ def fmt(x: float, digits: int = 3) -> str:
     if x == 0 or 1e-3 <= abs(x) < 1e5:
         return f"{x:.{digits}g}" if abs(x) < 1 else f"{x:.{digits}f}".rstrip("0").rstrip(".")
     return f"{x:.{digits - 1}e}"
+
+
+def run_module(module: str, spec: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+    """``python -m module JSON(spec)`` in a fresh process from the repository root; the JSON object on the last line
+    of its stdout. Raises ``RuntimeError`` with the end of its stderr on failure."""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)],
+                          capture_output=True, text=True, cwd=root, timeout=timeout)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} {dict(spec)} failed: {proc.stderr[-2000:]}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))

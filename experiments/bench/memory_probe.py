@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from experiments.bench.common import run_module
+
 __all__ = ["build", "measure", "run_probe"]
 
 
@@ -90,15 +92,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_probe(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
     """:func:`measure` in a fresh Python process (peak RSS is per process); raises with its stderr on failure."""
-    import subprocess
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-m", "experiments.bench.memory_probe", json.dumps(spec)],
-                          capture_output=True, text=True, cwd=root, timeout=timeout)  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory probe {spec} failed: {proc.stderr[-2000:]}")
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return run_module("experiments.bench.memory_probe", spec, timeout)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,9 @@ from __future__ import annotations
 import copy
 import json
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import timm
@@ -37,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_dbq as dbq
-from experiments.bench.common import BenchResult, interleaved_times, median, setup_torch
+from experiments.bench.common import BenchResult, interleaved_times, median, run_module, setup_torch
 from experiments.bench.lsq_reference import lsq_quantize_model
 from lightning_dbq.quant.factory import create_fp_model
 from lightning_dbq.quant.kernels import auto_choice
@@ -163,20 +161,16 @@ def bench_processes(key: str, name: str, batch: int, warmup: int, repeats: int, 
         "lsq_reference_over_fp32": median([r["details"]["lsq_reference_over_fp32"] for r in found]),
         "processes": [r["details"] for r in found],
     })  # fmt: skip
+    ratio = median(ratios)
     why = [r["details"]["why"] for r in found if "why" in r["details"]]
-    if median(ratios) > float(TARGET.split()[1]) and why:
+    if ratio > float(TARGET.split()[1]) and why:
         details["why"] = why[0]
-    return BenchResult(key, found[0]["title"], median(ratios), TARGET, details=details)
+    return BenchResult(key, found[0]["title"], ratio, TARGET, details=details)
 
 
 def _run_process(spec: dict[str, Any]) -> dict[str, Any]:
     """One :func:`bench_model` in a fresh process (``python -m experiments.bench.p1_step SPEC``): its JSON entry."""
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-m", "experiments.bench.p1_step", json.dumps(spec)],
-                          capture_output=True, text=True, cwd=root, timeout=1800)  # fmt: skip
-    if proc.returncode != 0:
-        raise RuntimeError(f"P1 process {spec} failed: {proc.stderr[-2000:]}")
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return run_module("experiments.bench.p1_step", spec, timeout=1800)
 
 
 def _main(spec: dict[str, Any]) -> dict[str, Any]:
