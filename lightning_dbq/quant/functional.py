@@ -32,11 +32,13 @@ __all__ = [
     "decode_weight",
     "double_round_codes",
     "double_round_fake",
+    "double_round_grads",
     "expand_codes",
     "floor_nest_fake",
     "grad_scale",
     "lsq_fake",
     "lsq_grad_scale",
+    "lsq_grads",
     "qrange",
     "rhu_interval",
     "round_half_up",
@@ -193,6 +195,42 @@ def lsq_fake(x: Tensor, scale: Tensor, bits: int, signed: bool, g: float = 1.0) 
     s = grad_scale(scale.float(), g)
     q = ste_round_half_up(torch.clamp(x.float() / s, lo, hi))
     return (q * s).to(x.dtype)
+
+
+def _window_grads(grad: Tensor, x: Tensor, s: Tensor, lo: int, hi: int, step: int, g: float) -> tuple[Tensor, Tensor]:
+    """The straight-through gradients of ``y = s · step · rhu(rhu(clamp(x / s, lo, hi)) / step)`` (grad scale ``g``)
+    given ``grad = dL/dy``: ``(grad · inside, g · Σ grad · (q − v·inside))`` with ``v = x / s``,
+    ``inside = lo < v < hi`` and ``q`` the code in units of ``s``; the sum to ``s``'s shape. Integer bounds and step:
+    under ``torch.compile(dynamic=True)`` they stay symbolic (no recompile per bit-width)."""
+    v = x.float() / s
+    inside = (v > lo) & (v < hi)
+    q = torch.floor(torch.floor(torch.clamp(v, lo, hi) + 0.5) / step + 0.5) * step  # exact for step = 1 too
+    u = grad * (q - torch.where(inside, v, 0.0))
+    return grad * inside, u.sum_to_size(s.shape) * g
+
+
+def lsq_grads(grad: Tensor, x: Tensor, scale: Tensor, bits: int, signed: bool, g: float = 1.0) -> tuple[Tensor, Tensor]:
+    """The gradients of :func:`lsq_fake` ``(x, scale, bits, signed, g)`` w.r.t. ``(x, scale)`` given ``grad = dL/dy``,
+    in closed form and without a graph (float32 ``grad``, ``x`` and ``scale``).
+
+    ``dL/dx = grad`` where ``Q_N < x/s < Q_P`` and ``0`` elsewhere; ``dL/ds = g · Σ grad · (q − x/s)`` inside,
+    ``g · Σ grad · Q_N`` / ``Q_P`` where clipped (``q = rhu(x/s)``), summed to ``scale``'s shape. The input
+    gradient is the fused kernel's bit for bit; the scale gradient agrees with autograd of :func:`lsq_fake` up to
+    float32 rounding. Written for ``torch.compile`` (the ``compile`` back-end fuses it into one element loop and one
+    reduction, :mod:`lightning_dbq.quant.kernels`).
+    """
+    lo, hi = qrange(bits, signed)
+    return _window_grads(grad, x, scale.float(), lo, hi, 1, g)
+
+
+def double_round_grads(grad: Tensor, w: Tensor, scale: Tensor, high_bits: int, bits: int,
+                       g: float = 1.0) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The gradients of :func:`double_round_fake` ``(w, scale, high_bits, bits, g)`` w.r.t. ``(w, scale)`` given
+    ``grad = dL/dŴ``, in closed form and without a graph (see :func:`lsq_grads`; the window and the code are those
+    of the ``bits``-bit grid in ``high_bits``-bit units)."""
+    step = 1 << _check_bits(high_bits, bits)
+    lo, hi = qrange(bits, signed=True)
+    return _window_grads(grad, w, scale.float(), lo * step, hi * step, step, g)
 
 
 def expand_codes(codes: Tensor, code_bits: int, high_bits: int) -> Tensor:

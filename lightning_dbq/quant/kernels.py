@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_dbq.quant.functional import double_round_fake, lsq_fake
+from lightning_dbq.quant.functional import double_round_fake, double_round_grads, lsq_fake, lsq_grads
 from lightning_dbq.quant.fused import double_round_window, fused_double_round_fake, fused_lsq_fake, lsq_window
 from lightning_dbq.quant.recompute import FakeQuantOp
 
@@ -44,25 +44,30 @@ AUTO_ENV = "DBQ_KERNEL_AUTO"
 class Kernels(NamedTuple):
     """The two fake-quant functions of one back-end (signatures of ``lsq_fake`` and ``double_round_fake``).
 
-    ``closed_form``: a quantized convolution rebuilds its operands and their gradients with
-    :func:`~lightning_dbq.quant.fused.rebuild` / :func:`~lightning_dbq.quant.fused.operand_grads_` in its backward
-    (:mod:`lightning_dbq.quant.recompute`; the fused kernel). ``False``: it re-runs the back-end's own function with
-    its graph and differentiates it (the eager reference, and the compiled graphs, faster on CPU).
+    ``closed_form``: a quantized convolution rebuilds its operands and their gradients in closed form in its
+    backward (:mod:`lightning_dbq.quant.recompute`): with ``lsq_grads`` / ``double_round_grads`` (the back-end's own
+    gradient functions, signatures of :func:`~lightning_dbq.quant.functional.lsq_grads` and
+    :func:`~lightning_dbq.quant.functional.double_round_grads`: the compiled ones) after rebuilding the operand with
+    the back-end's forward, else with :func:`~lightning_dbq.quant.fused.rebuild` /
+    :func:`~lightning_dbq.quant.fused.operand_grads_` (the fused kernel). ``False``: it re-runs the back-end's own
+    function with its graph and differentiates it (the eager reference).
     """
 
     lsq: Callable[..., Tensor]
     double_round: Callable[..., Tensor]
     closed_form: bool = True
+    lsq_grads: Callable[..., tuple[Tensor, Tensor]] | None = None
+    double_round_grads: Callable[..., tuple[Tensor, Tensor]] | None = None
 
     def lsq_op(self, bits: int, signed: bool, g: float) -> FakeQuantOp:
         """``lsq(x, s, bits, signed, g)`` as a :class:`~lightning_dbq.quant.recompute.FakeQuantOp`."""
         window = lsq_window(bits, signed, g) if self.closed_form else None
-        return FakeQuantOp(self.lsq, (bits, signed, g), window)
+        return FakeQuantOp(self.lsq, (bits, signed, g), window, self.lsq_grads)
 
     def double_round_op(self, high_bits: int, bits: int, g: float) -> FakeQuantOp:
         """``double_round(w, s, high_bits, bits, g)`` as a :class:`~lightning_dbq.quant.recompute.FakeQuantOp`."""
         window = double_round_window(high_bits, bits, g) if self.closed_form else None
-        return FakeQuantOp(self.double_round, (high_bits, bits, g), window)
+        return FakeQuantOp(self.double_round, (high_bits, bits, g), window, self.double_round_grads)
 
 
 def check_kernel(kernel: str) -> str:
@@ -88,15 +93,35 @@ def _flattened(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return call
 
 
+def _flattened_grads(fn: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor]]:
+    """Call ``fn(grad, x, scale, ...)`` (:func:`~lightning_dbq.quant.functional.lsq_grads` or
+    :func:`~lightning_dbq.quant.functional.double_round_grads`) on ``grad`` and ``x`` flattened as :func:`_flattened`
+    does, and return the gradients in the shapes of ``x`` and ``scale``."""
+
+    def call(grad: Tensor, x: Tensor, scale: Tensor, *args: object) -> tuple[Tensor, Tensor]:
+        if scale.numel() == 1:
+            gx, gs = fn(grad.reshape(-1), x.reshape(-1), scale, *args)
+        else:
+            rows = x.shape[0]
+            gx, gs = fn(grad.reshape(rows, -1), x.reshape(rows, -1), scale.reshape(-1, 1), *args)
+        return gx.view_as(x), gs.reshape(scale.shape)
+
+    return call
+
+
 @functools.cache
 def _compiled() -> Kernels:
     import torch
 
     act = torch.compile(lsq_fake, dynamic=True)
     weight = torch.compile(double_round_fake, dynamic=True)
-    # the backward differentiates the compiled training graph (one generated loop each way): on CPU this measured
-    # faster than the closed form, with the same peak memory (docs/memory.md)
-    return Kernels(_flattened(act), _flattened(weight), closed_form=False)
+    # a quantized convolution's backward rebuilds its operand with the forward's (inference) graph and takes the
+    # gradients from one compiled no-grad graph: no autograd graph to build and walk per operand (docs/performance.md)
+    act_grads = torch.compile(lsq_grads, dynamic=True)
+    weight_grads = torch.compile(double_round_grads, dynamic=True)
+    return Kernels(
+        _flattened(act), _flattened(weight), True, _flattened_grads(act_grads), _flattened_grads(weight_grads)
+    )
 
 
 _STATIC = {

@@ -11,13 +11,16 @@ The forward makes the same fake-quant calls (without grad mode: nothing of them 
 so its values are unchanged bit for bit. The backward rebuilds the operands, calls ``aten.convolution_backward``
 with the arguments autograd's own convolution node passes, then applies the fake quantizers' backward:
 
-* closed form (the ``fused`` kernel's LSQ and Double Rounding, float32): the operand and its mask are rebuilt
-  without a graph and the gradients computed in place, in the rebuilt operand's and the incoming gradient's
-  buffers (:func:`~lightning_dbq.quant.fused.rebuild`, :func:`~lightning_dbq.quant.fused.operand_grads_`): the
-  fused kernel's gradients bit for bit, with fewer passes than its own backward;
-* otherwise (the ``compile`` kernel's generated graphs, the ``eager`` reference, floor nesting, binary
-  activations, other dtypes): the fake-quant call is re-run with its graph and differentiated (the plain path's
-  gradients bit for bit).
+* closed form, fused kernel (LSQ and Double Rounding, float32): the operand and its mask are rebuilt without a
+  graph and the gradients computed in place, in the rebuilt operand's and the incoming gradient's buffers
+  (:func:`~lightning_dbq.quant.fused.rebuild`, :func:`~lightning_dbq.quant.fused.operand_grads_`): the fused
+  kernel's gradients bit for bit, with fewer passes than its own backward;
+* closed form, compiled kernel: the operand is rebuilt by the compiled forward and the gradients come from one
+  compiled no-grad graph (:func:`~lightning_dbq.quant.functional.lsq_grads`,
+  :func:`~lightning_dbq.quant.functional.double_round_grads`): the input gradient is the fused kernel's bit for
+  bit, the scale gradient agrees up to float32 summation order;
+* otherwise (the ``eager`` reference, floor nesting, binary activations, other dtypes): the fake-quant call is
+  re-run with its graph and differentiated (the plain path's gradients bit for bit).
 
 Under ``create_graph=True`` (Hessian-vector products) the backward re-runs the whole forward with its graph and
 differentiates that, so double backward is the composite one.
@@ -55,14 +58,16 @@ Geometry = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]
 class FakeQuantOp(NamedTuple):
     """A pure fake-quant function and its constant arguments: ``op(x, scale) == fn(x, scale, *args)``.
 
-    ``window``: the op's closed form (the fused kernel's LSQ / Double Rounding): the backward then rebuilds the
-    operand and its gradients in place (:func:`~lightning_dbq.quant.fused.rebuild`), without a graph. ``None``: the
-    backward re-runs ``fn`` with its graph and differentiates it.
+    ``window``: the op's closed form (LSQ / Double Rounding): the backward then rebuilds the operand and its
+    gradients without a graph: with ``grads(dL/dy, x, scale, *args) -> (dL/dx, dL/dscale)`` after rebuilding the
+    operand with ``fn`` (the compiled back-end), else in place (:func:`~lightning_dbq.quant.fused.rebuild`,
+    the fused kernel). ``None``: the backward re-runs ``fn`` with its graph and differentiates it.
     """
 
     fn: Callable[..., Tensor]
     args: tuple[Any, ...] = ()
     window: Window | None = None
+    grads: Callable[..., tuple[Tensor, Tensor]] | None = None
 
     def __call__(self, x: Tensor, scale: Tensor) -> Tensor:
         """Fake-quantize ``x`` with ``scale``."""
@@ -101,7 +106,7 @@ def _apply(op: FakeQuantOp | None, t: Tensor, scale: Tensor | None) -> Tensor:
     return t if op is None or scale is None else op(t, scale)
 
 
-Backward = Callable[[Tensor | None], list[Tensor | None]]
+Backward = Callable[[Tensor], list[Tensor | None]]
 
 
 def _operand(t: Tensor, scale: Tensor | None, op: FakeQuantOp | None, needs: Sequence[bool]) -> tuple[Tensor, Backward]:
@@ -115,8 +120,11 @@ def _operand(t: Tensor, scale: Tensor | None, op: FakeQuantOp | None, needs: Seq
     """
     if op is None or scale is None:
         return t, lambda g: [g, None]
-    window = op.window
+    window, grads = op.window, op.grads
     if window is not None and t.dtype == scale.dtype == torch.float32:
+        if grads is not None:  # the back-end's forward (no graph: grad mode is off here) and its gradient function
+            y = op(t, scale)
+            return y, lambda g: _needed(grads(g, t, scale, *op.args), needs)
         y, inside = rebuild(t, scale, window)
         return y, lambda g: list(operand_grads_(g, y, inside, t, scale, window, (needs[0], needs[1])))
     leaf, s_leaf = t.detach().requires_grad_(needs[0]), scale.detach().requires_grad_(needs[1])
@@ -124,6 +132,11 @@ def _operand(t: Tensor, scale: Tensor | None, op: FakeQuantOp | None, needs: Seq
         out = op(leaf, s_leaf)
     edge = get_gradient_edge(out) if out.requires_grad else None
     return out.detach(), lambda g: _through(edge, g, [leaf, s_leaf])
+
+
+def _needed(grads: tuple[Tensor, Tensor], needs: Sequence[bool]) -> list[Tensor | None]:
+    """``grads`` with ``None`` for the inputs that need no gradient."""
+    return [g if n else None for g, n in zip(grads, needs[:2], strict=True)]
 
 
 def _through(edge: GradientEdge | None, grad: Tensor | None, inputs: Sequence[Tensor]) -> list[Tensor | None]:
@@ -183,9 +196,9 @@ def _lean_grads(
     mask = (bool(needs[0] or needs[1]), bool(needs[2] or needs[3]), bool(needs[4]))
     g_xq, g_wq, g_b = _conv_grads(gy, xq, wq, b, geometry, mask)
     del xq, wq  # the closed form keeps the rebuilt values (its backward writes into them); the graphs keep (x, s)
-    g_x, g_sx = x_back(g_xq)
+    g_x, g_sx = x_back(g_xq) if g_xq is not None else (None, None)  # None: neither x nor its scale needs one
     del g_xq, x_back
-    g_w, g_sw = w_back(g_wq)
+    g_w, g_sw = w_back(g_wq) if g_wq is not None else (None, None)
     return [g_x, g_sx, g_w, g_sw, g_b]
 
 

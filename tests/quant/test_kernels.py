@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from lightning_dbq import prepare, set_bits, set_kernel
-from lightning_dbq.quant.functional import double_round_fake, lsq_fake, qrange
+from lightning_dbq.quant.functional import double_round_fake, double_round_grads, lsq_fake, lsq_grads, qrange
 from lightning_dbq.quant.fused import fused_double_round_fake, fused_lsq_fake
-from lightning_dbq.quant.kernels import KERNELS, kernels
+from lightning_dbq.quant.kernels import KERNELS, Kernels, kernels
 from lightning_dbq.search.hessian import hutchinson_traces
 from tests.helpers.tiny import TinyNet
 
@@ -107,6 +107,54 @@ def test_fused_lsq_matches_composite_and_numpy(bits: int, signed: bool) -> None:
     _assert_scale_grad(ss, gs_elem.reshape(1, -1), slack.reshape(1, -1))
 
 
+def _closed_form(kind: str, bits: int, grads_of: Kernels | None = None):
+    """``(fused fake-quant, closed-form gradients, lo, hi, step)`` of one quantizer (``kind``: lsq_signed,
+    lsq_unsigned, double_round from 8 bits); the gradients of ``grads_of`` (a back-end) or the eager functions."""
+    lsq_g = lsq_grads if grads_of is None else grads_of.lsq_grads
+    dr_g = double_round_grads if grads_of is None else grads_of.double_round_grads
+    assert lsq_g is not None and dr_g is not None
+    if kind == "double_round":
+        step = 1 << (8 - bits)
+        lo, hi = qrange(bits, signed=True)
+        return (lambda x, s, g: fused_double_round_fake(x, s, 8, bits, g),
+                lambda gy, x, s, g: dr_g(gy, x, s, 8, bits, g), lo * step, hi * step, step)  # fmt: skip
+    signed = kind == "lsq_signed"
+    lo, hi = qrange(bits, signed)
+    return (lambda x, s, g: fused_lsq_fake(x, s, bits, signed, g),
+            lambda gy, x, s, g: lsq_g(gy, x, s, bits, signed, g), lo, hi, 1)  # fmt: skip
+
+
+def _check_closed_form_grads(kind: str, bits: int, per_channel: bool, grads_of: Kernels | None = None) -> None:
+    x, s = _case((6, 5, 3, 3), per_channel, seed=20 + bits)
+    if kind == "lsq_unsigned":
+        x = x.relu()
+    fused, grads, lo, hi, step = _closed_form(kind, bits, grads_of)
+    g = 0.37
+    gy = torch.randn_like(x)
+    xa, sa = x.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    fused(xa, sa, g).backward(gy)
+    gx, gs = grads(gy, x, s, g)
+    assert gx.shape == x.shape and gs.shape == s.shape
+    assert torch.equal(gx, xa.grad)  # the fused kernel's input gradient bit for bit
+    s64 = np.broadcast_to(s.double().numpy(), x.shape)
+    _, gx_np, gs_elem, slack = _numpy_reference(x.double().numpy(), s64, lo, hi, step, g, gy.double().numpy())
+    np.testing.assert_array_equal(gx.numpy(), gx_np.astype(np.float32))
+    rows = x.shape[0] if per_channel else 1
+    got = s.clone()
+    got.grad = gs
+    _assert_scale_grad([got, sa], gs_elem.reshape(rows, -1), slack.reshape(rows, -1))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize(("kind", "bits"), [("lsq_signed", 4), ("lsq_unsigned", 2), ("lsq_signed", 8),
+                                            ("double_round", 8), ("double_round", 4), ("double_round", 2)])  # fmt: skip
+def test_closed_form_gradients_match_numpy_and_the_fused_kernel(kind: str, bits: int, per_channel: bool) -> None:
+    """``lsq_grads`` / ``double_round_grads`` (what the compiled back-end's backward runs): the input gradient is the
+    fused kernel's bit for bit and the NumPy reference's; the scale gradient the float64 sum up to float32 error, at
+    grid points, rounding ties and the clip bounds too."""
+    _check_closed_form_grads(kind, bits, per_channel)
+
+
 def test_fused_keeps_input_dtype_and_rejects_bad_bits() -> None:
     x = torch.randn(4, 4, dtype=torch.bfloat16)
     assert fused_lsq_fake(x, torch.tensor(0.1), 4, True).dtype == torch.bfloat16
@@ -186,6 +234,9 @@ def test_compiled_kernels_match_eager() -> None:
     y_c.backward(gy)
     torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-6, atol=0)
     torch.testing.assert_close(ss[1].grad, ss[0].grad, rtol=1e-5, atol=1e-7)
+    for kind, bits in (("lsq_unsigned", 4), ("lsq_signed", 2), ("double_round", 8), ("double_round", 2)):
+        for per_channel in (False, True):  # the compiled gradient graphs, through the flattening wrapper
+            _check_closed_form_grads(kind, bits, per_channel, compiled)
     a, b = _pair("eager", "compile")
     inp = torch.randn(4, 3, 16, 16)
     set_bits(a, 2)
