@@ -43,7 +43,8 @@ test-slow: setup ## only the slow tests (minutes)
 	$(RUN) pytest -m slow $(PYTEST_ARGS)
 
 bench: setup ## benchmarks P1-P9 -> experiments/results/bench.json and experiments/README.md table
-	$(RUN) python -m experiments.bench.run_all
+	@$(UV) sync --frozen $(EXTRAS) --extra bench || echo "the bench extra (Brevitas) did not install: P1/P8 run without it"
+	$(UV) run --frozen --no-sync python -m experiments.bench.run_all
 
 gpu-check: setup ## GPU check (tests -m gpu, P1/P8, CIFAR-10 study) -> experiments/results/gpu/; GPU_SMOKE=1: CPU smoke
 	$(RUN) python -m experiments.gpu.check $(ARGS)

@@ -4,6 +4,7 @@
 
 Spec keys (all optional but ``model``): ``fp32`` (true: the unquantized model), ``bits``, ``active_bits``,
 ``weight_mode``, ``skip``, ``kernel`` (``prepare`` options), ``grad`` (``enable_grad_quant`` settings, null: exact),
+``brevitas`` (true: the Brevitas reference at ``active_bits`` instead, :mod:`experiments.bench.brevitas_reference`),
 ``batch_size`` (128), ``image_size`` (32), ``num_classes`` (10), ``device`` (``cpu`` | ``cuda``).
 
 ``warm_step`` (true: a two-image forward and backward before the steps, so that one-off costs of a first backward are
@@ -46,6 +47,12 @@ def build(spec: dict[str, Any]) -> nn.Module:
     net = create_fp_model(spec["model"], num_classes=spec.get("num_classes", 10))
     if spec.get("fp32"):
         return net
+    if spec.get("brevitas"):  # the Brevitas reference at active_bits (experiments.bench.brevitas_reference)
+        from experiments.bench.brevitas_reference import brevitas_quantize_model
+        from lightning_dbq.quant.prepare import first_last_layers
+
+        first, last = first_last_layers(net)
+        return brevitas_quantize_model(net, spec.get("active_bits", 4), first | last)
     bits = spec.get("bits", [8, 6, 4, 2])
     options = {k: spec[k] for k in ("weight_mode", "skip", "kernel") if k in spec}
     net = dbq.prepare(net, bits=bits, **options)

@@ -9,7 +9,9 @@ One "step" = ``zero_grad`` + forward + cross-entropy + backward + ``Adam.step`` 
   back-end (``kernel="auto"``: ``compile`` where a probe compiles, else ``fused``; the resolved choice is recorded;
   a one-off compile time is recorded, not timed as a step) and with the fallback ``kernel="fused"``;
 * ``lsq``: :mod:`experiments.bench.lsq_reference` at 4 bits (weights and activations), the same layers quantized
-  (first and last layers FP in all variants).
+  (first and last layers FP in all variants);
+* ``brevitas``: :mod:`experiments.bench.brevitas_reference` at 4 bits, the same layers, when Brevitas is installed
+  (the optional ``bench`` extra; otherwise the details say why it is missing).
 
 The full run measures each figure in :data:`PROCESSES` fresh processes (the variants interleaved round by round in
 each) and reports the median of their ratios; each process's rounds, medians and page faults per step are kept in
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_dbq as dbq
+from experiments.bench.brevitas_reference import brevitas_missing, brevitas_quantize_model
 from experiments.bench.common import BenchResult, interleaved_times, median, run_module, setup_torch
 from experiments.bench.lsq_reference import lsq_quantize_model
 from lightning_dbq.quant.factory import create_fp_model
@@ -63,12 +66,16 @@ def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], 
     return step
 
 
-def variants(fp: nn.Module, kernel: str = "fused") -> dict[str, nn.Module]:
-    """``fp32`` / ``dbq`` (fake-quant back-end ``kernel``) / ``lsq`` copies of one FP32 model."""
+def variants(fp: nn.Module, kernel: str = "fused", brevitas: bool = False) -> dict[str, nn.Module]:
+    """``fp32`` / ``dbq`` (fake-quant back-end ``kernel``) / ``lsq`` copies of one FP32 model (``brevitas``: and a
+    Brevitas one)."""
     first, last = first_last_layers(fp)
     q = dbq.prepare(copy.deepcopy(fp), bits=[8, 6, 4, 2], kernel=kernel)
     dbq.set_bits(q, BITS)
-    return {"fp32": fp, "dbq": q, "lsq": lsq_quantize_model(copy.deepcopy(fp), BITS, first | last)}
+    out = {"fp32": fp, "dbq": q, "lsq": lsq_quantize_model(copy.deepcopy(fp), BITS, first | last)}
+    if brevitas:
+        out["brevitas"] = brevitas_quantize_model(copy.deepcopy(fp), BITS, first | last)
+    return out
 
 
 def bench_model(
@@ -80,11 +87,15 @@ def bench_model(
     repeats: int,
     kernel: str = "fused",
     device: str = "cpu",
+    brevitas: bool = False,
 ) -> BenchResult:
-    """Interleaved step timing of the three variants of ``model`` (on ``device``)."""
+    """Interleaved step timing of the variants of ``model`` (on ``device``; ``brevitas``: with the Brevitas model
+    when it is installed)."""
     setup_torch()
     x, y = torch.randn(batch, 3, 32, 32, device=device), torch.randint(0, 10, (batch,), device=device)
-    steps = {k: step_fn(m.to(device), x, y) for k, m in variants(model, kernel).items()}
+    missing = brevitas_missing() if brevitas else None
+    with_brevitas = brevitas and missing is None
+    steps = {k: step_fn(m.to(device), x, y) for k, m in variants(model, kernel, with_brevitas).items()}
     t0 = time.perf_counter()
     steps["dbq"]()  # first step: activation-scale init (and, for kernel="compile", the compilation)
     first_step_s = time.perf_counter() - t0
@@ -112,6 +123,11 @@ def bench_model(
         "per_round_ratio_min_max": [min(per_round), max(per_round)],
         "times_s": times,
     }
+    if with_brevitas:  # the same rounds: Brevitas' step over the FP32 step next to it
+        details["brevitas_over_fp32"] = median([b / f for b, f in zip(times["brevitas"], times["fp32"], strict=True)])
+    elif missing is not None:
+        details["brevitas_over_fp32"] = None
+        details["brevitas_missing"] = missing
     if faults:  # allocator churn: glibc returning and re-faulting heap pages every step (varies per process)
         details["page_faults_per_step"] = faults
     if ratio > float(TARGET.split()[1]):
@@ -143,14 +159,15 @@ def _model(name: str) -> nn.Module:
 
 
 def bench_processes(key: str, name: str, batch: int, warmup: int, repeats: int, kernel: str,
-                    processes: int = PROCESSES) -> BenchResult:  # fmt: skip
+                    processes: int = PROCESSES, brevitas: bool = False) -> BenchResult:  # fmt: skip
     """:func:`bench_model` in ``processes`` fresh Python processes; the figure is the median of their ratios.
 
     One process's figure depends on state that 15 rounds inside it cannot average out: where glibc puts the step's
     blocks decides whether some of them are returned to the OS and faulted back in every step (seen: 0 vs 23,000
     page faults per step for the same variant in two processes, 1.10x vs 1.29x). Each process's details are kept.
     """
-    spec = {"key": key, "name": name, "batch": batch, "warmup": warmup, "repeats": repeats, "kernel": kernel}
+    spec = {"key": key, "name": name, "batch": batch, "warmup": warmup, "repeats": repeats, "kernel": kernel,
+            "brevitas": brevitas}  # fmt: skip
     found = [_run_process(spec) for _ in range(processes)]
     ratios = [r["value"] for r in found]
     first = found[0]["details"]
@@ -161,6 +178,10 @@ def bench_processes(key: str, name: str, batch: int, warmup: int, repeats: int, 
         "lsq_reference_over_fp32": median([r["details"]["lsq_reference_over_fp32"] for r in found]),
         "processes": [r["details"] for r in found],
     })  # fmt: skip
+    if brevitas:
+        bv = [r["details"]["brevitas_over_fp32"] for r in found]
+        details["brevitas_over_fp32"] = None if None in bv else median(bv)
+        details.update({k: first[k] for k in ("brevitas_missing",) if k in first})
     ratio = median(ratios)
     why = [r["details"]["why"] for r in found if "why" in r["details"]]
     if ratio > float(TARGET.split()[1]) and why:
@@ -176,7 +197,8 @@ def _run_process(spec: dict[str, Any]) -> dict[str, Any]:
 def _main(spec: dict[str, Any]) -> dict[str, Any]:
     """The JSON entry of :func:`bench_model` for a spec of :func:`bench_processes` (run in a fresh process)."""
     model = _model(spec["name"])
-    r = bench_model(spec["key"], spec["name"], model, spec["batch"], spec["warmup"], spec["repeats"], spec["kernel"])
+    r = bench_model(spec["key"], spec["name"], model, spec["batch"], spec["warmup"], spec["repeats"], spec["kernel"],
+                    brevitas=bool(spec.get("brevitas", False)))  # fmt: skip
     return {"title": r.title, **r.to_json()}
 
 
@@ -191,10 +213,12 @@ def run(quick: bool = False) -> list[BenchResult]:
     out = []
     for kernel in ("auto", "fused"):  # the default (compile where a probe works, else fused), and the fallback
         suffix = "" if kernel == "auto" else f"_{kernel}"
+        bv = kernel == "auto"  # Brevitas once per model, in the default kernel's processes
         out += [
-            bench_processes(f"P1_resnet18{suffix}", "resnet18", 128, warmup=2, repeats=9, kernel=kernel),
-            bench_processes(f"P1_cifar_resnet20{suffix}", "cifar_resnet20", 128, warmup=3, repeats=9, kernel=kernel),
-        ]
+            bench_processes(f"P1_resnet18{suffix}", "resnet18", 128, warmup=2, repeats=9, kernel=kernel, brevitas=bv),
+            bench_processes(f"P1_cifar_resnet20{suffix}", "cifar_resnet20", 128, warmup=3, repeats=9, kernel=kernel,
+                            brevitas=bv),
+        ]  # fmt: skip
     return out
 
 

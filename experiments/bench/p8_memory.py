@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from experiments.bench.brevitas_reference import brevitas_missing
 from experiments.bench.common import BenchResult
 from experiments.bench.memory_probe import run_probe
 
@@ -29,13 +30,18 @@ KERNELS = ("auto", "fused")  # the default (compile where a probe works, else fu
 
 
 def bench_model(
-    name: str, batch: int, device: str, kernels: tuple[str, ...] = KERNELS, rounds: int = 3, warm: bool = True
-) -> list[BenchResult]:
+    name: str, batch: int, device: str, kernels: tuple[str, ...] = KERNELS, rounds: int = 3, warm: bool = True,
+    brevitas: bool = False,
+) -> list[BenchResult]:  # fmt: skip
     """FP32 and one quantized variant per kernel, ``rounds`` fresh processes each (``warm``: plus one ``warm_step``
-    run each, in the details); one result per kernel."""
+    run each, in the details); one result per kernel. ``brevitas``: the Brevitas reference too, when installed (its
+    ratio in the first result's details)."""
     base: dict[str, Any] = {"model": name, "batch_size": batch, "device": device}
     specs: dict[str, dict[str, Any]] = {"fp32": {**base, "fp32": True}}
     specs.update({k: {**base, "bits": [8, 6, 4, 2], "active_bits": 4, "kernel": k} for k in kernels})
+    missing = brevitas_missing() if brevitas else None
+    if brevitas and missing is None:
+        specs["brevitas"] = {**base, "brevitas": True, "active_bits": 4}
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in specs}
     for _ in range(rounds):
         for key, spec in specs.items():
@@ -55,6 +61,11 @@ def bench_model(
         if warm_mib:
             details["warm_step_extra_mib"] = {"fp32": warm_mib["fp32"], "quantized": warm_mib[kernel]}
             details["warm_step_ratio"] = warm_mib[kernel] / warm_mib["fp32"]
+        if brevitas and kernel == kernels[0]:  # the same rounds: Brevitas' step over the FP32 step
+            details["brevitas_extra_mib"] = extra.get("brevitas")
+            details["brevitas_ratio"] = statistics.fmean(extra["brevitas"]) / fp32_mean if "brevitas" in extra else None
+            if missing is not None:
+                details["brevitas_missing"] = missing
         suffix = "" if kernel == "auto" else f"_{kernel}"
         title = f"P8 {name} step peak extra memory / FP32 (b{batch}, 32px, w4a4, kernel={kernel}, {device})"
         out.append(BenchResult(f"P8_{name}{suffix}", title, ratio, TARGET, details=details))
@@ -66,7 +77,7 @@ def run(quick: bool = False) -> list[BenchResult]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if quick:
         return bench_model("cifar_resnet20", 32, device, ("auto",), rounds=1, warm=False)
-    return [*bench_model("cifar_resnet20", 128, device), *bench_model("resnet18", 128, device)]
+    return [bench for name in ("cifar_resnet20", "resnet18") for bench in bench_model(name, 128, device, brevitas=True)]
 
 
 if __name__ == "__main__":

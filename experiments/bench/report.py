@@ -154,6 +154,24 @@ def _fqt_table(details: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _brevitas_line(results: dict[str, Any]) -> list[str]:
+    """One sentence with Brevitas' P1 / P8 ratios measured beside the default kernel's (or why they are missing)."""
+    found, missing = [], ""
+    for key, label, field in (("P1_", "step", "brevitas_over_fp32"), ("P8_", "memory", "brevitas_ratio")):
+        for k, e in results.items():
+            d = e.get("details", {})
+            if k.startswith(key) and field in d and not e.get("quick"):
+                if d[field] is None:
+                    missing = d.get("brevitas_missing", "not installed")
+                else:
+                    found.append(f"{label} {d['model']} {fmt(d[field])}x (ours {fmt(e['value'])}x)")
+    if not found:
+        return ["", f"Brevitas (optional `bench` extra): not measured ({missing})."] if missing else []
+    src = "`experiments/bench/brevitas_reference.py`"
+    return ["", f"Brevitas w4a4 with learned scales ({src}), same processes and layers, over FP32: " + "; ".join(found)
+            + "."]  # fmt: skip
+
+
 def render_block(data: dict[str, Any]) -> str:
     """The markdown table of ``bench.json`` (between the markers)."""
     lines = [
@@ -179,6 +197,7 @@ def render_block(data: dict[str, Any]) -> str:
         )
         src = "`experiments/bench/lsq_reference.py`"
         lines += ["", f"P1 reference: the hand-written single-bit LSQ ({src}) step costs {refs} of the FP32 step."]
+    lines += _brevitas_line(data["results"])
     if "P1_kernels" in data.get("explorations", {}):
         lines += _kernels_table(data["explorations"]["P1_kernels"])
     p7 = data["results"].get("P7_frozen_resnet18", {}).get("details")
