@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -107,12 +108,15 @@ def fmt(x: float, digits: int = 3) -> str:
     return f"{x:.{digits - 1}e}"
 
 
-def run_module(module: str, spec: Mapping[str, Any], timeout: float) -> dict[str, Any]:
-    """``python -m module JSON(spec)`` in a fresh process from the repository root; the JSON object on the last line
-    of its stdout. Raises ``RuntimeError`` with the end of its stderr on failure."""
+def run_module(
+    module: str, spec: Mapping[str, Any], timeout: float, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """``python -m module JSON(spec)`` in a fresh process from the repository root (``env``: variables set on top of
+    this process's environment); the JSON object on the last line of its stdout. Raises ``RuntimeError`` with the
+    end of its stderr on failure."""
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)],
-                          capture_output=True, text=True, cwd=root, timeout=timeout)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True,
+                          cwd=root, timeout=timeout, env={**os.environ, **(env or {})})  # fmt: skip
     if proc.returncode != 0:
         raise RuntimeError(f"{module} {dict(spec)} failed: {proc.stderr[-2000:]}")
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))

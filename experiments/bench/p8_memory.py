@@ -5,11 +5,16 @@ Each variant runs in a fresh process (:mod:`experiments.bench.memory_probe`): bu
 extra memory (CPU: peak RSS minus the resident set before the steps; CUDA: ``max_memory_allocated`` minus
 ``memory_allocated``), quantized ({8,6,4,2} model at 4 bits, ``kernel`` as named) over FP32, same model and batch.
 
-Peak RSS depends on where glibc's heap top ends up, which varies by ±5-10 % between identical fresh processes, so
-each variant runs ``rounds`` times (the variants interleaved round by round) and the ratio is of the means; every
-run is kept in the details. The details also give the same ratio with a two-image training step before the
-measured steps (``warm_step``: one-off costs of a first backward, the same for every variant, left out), one run
-each.
+On CPU the probes run with a fixed glibc mmap threshold (:data:`~experiments.bench.memory_probe.FIXED_MMAP`):
+with glibc's default, freed tensors stay in the heap wherever they landed and the peak RSS of the same FP32 step
+varied from 259 to 335 MiB between fresh processes (quantized variants likewise, so the ratio moved between 1.29
+and 1.55 for unchanged code); with it, repeated runs agree within 0.5 MiB. Each variant still runs ``rounds`` times
+(the variants interleaved round by round) and the ratio is of the means; every run is kept in the details.
+
+The details also give the same ratio with a two-image training step before the measured steps (``warm_step``:
+one-off costs of a first backward left out, such as the compiled kernel's backward graphs, compiled in the first
+step otherwise), as many runs each. The peak is reset to the current RSS right before
+the measured steps (:mod:`experiments.bench.memory_probe`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 
 from experiments.bench.brevitas_reference import brevitas_missing
 from experiments.bench.common import BenchResult
-from experiments.bench.memory_probe import run_probe
+from experiments.bench.memory_probe import FIXED_MMAP, run_probe
 
 __all__ = ["run"]
 
@@ -42,28 +47,36 @@ def bench_model(
     missing = brevitas_missing() if brevitas else None
     if brevitas and missing is None:
         specs["brevitas"] = {**base, "brevitas": True, "active_bits": 4}
+    env = FIXED_MMAP if device == "cpu" else {}
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in specs}
     for _ in range(rounds):
         for key, spec in specs.items():
-            runs[key].append(run_probe(spec))
+            runs[key].append(run_probe(spec, env=env))
     extra = {k: [r["extra_mib"] for r in v] for k, v in runs.items()}
-    warm_mib = {k: run_probe({**spec, "warm_step": True})["extra_mib"] for k, spec in specs.items()} if warm else {}
+    warm_mib: dict[str, list[float]] = {k: [] for k in specs} if warm else {}
+    for _ in range(rounds if warm else 0):  # the same without one-off costs (compiled graphs, ...), as many runs
+        for key, spec in specs.items():
+            warm_mib[key].append(run_probe({**spec, "warm_step": True}, env=env)["extra_mib"])
     fp32_mean = statistics.fmean(extra["fp32"])
     out = []
     for kernel in kernels:
         ratio = statistics.fmean(extra[kernel]) / fp32_mean
         what = f"mean quantized step extra memory / mean FP32 step extra memory ({rounds} fresh processes each)"
-        details = {"model": name, "batch": batch, "image_size": 32, "device": device, "kernel": kernel,
+        details = {"model": name, "batch": batch, "image_size": 32, "device": device, "kernel": kernel, "env": env,
                    "rounds": rounds, "extra_mib": {"fp32": extra["fp32"], "quantized": extra[kernel]},
                    "per_run_ratio_min_max": [min(extra[kernel]) / max(extra["fp32"]),
                                              max(extra[kernel]) / min(extra["fp32"])],
                    "fp32": runs["fp32"], "quantized": runs[kernel], "value": what}  # fmt: skip
         if warm_mib:
             details["warm_step_extra_mib"] = {"fp32": warm_mib["fp32"], "quantized": warm_mib[kernel]}
-            details["warm_step_ratio"] = warm_mib[kernel] / warm_mib["fp32"]
+            details["warm_step_ratio"] = statistics.fmean(warm_mib[kernel]) / statistics.fmean(warm_mib["fp32"])
         if brevitas and kernel == kernels[0]:  # the same rounds: Brevitas' step over the FP32 step
             details["brevitas_extra_mib"] = extra.get("brevitas")
             details["brevitas_ratio"] = statistics.fmean(extra["brevitas"]) / fp32_mean if "brevitas" in extra else None
+            if "brevitas" in warm_mib:
+                details["brevitas_warm_step_ratio"] = statistics.fmean(warm_mib["brevitas"]) / statistics.fmean(
+                    warm_mib["fp32"]
+                )
             if missing is not None:
                 details["brevitas_missing"] = missing
         suffix = "" if kernel == "auto" else f"_{kernel}"
@@ -77,7 +90,8 @@ def run(quick: bool = False) -> list[BenchResult]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if quick:
         return bench_model("cifar_resnet20", 32, device, ("auto",), rounds=1, warm=False)
-    return [bench for name in ("cifar_resnet20", "resnet18") for bench in bench_model(name, 128, device, brevitas=True)]
+    models = ("cifar_resnet20", "resnet18")
+    return [bench for name in models for bench in bench_model(name, 128, device, rounds=2, brevitas=True)]
 
 
 if __name__ == "__main__":

@@ -198,6 +198,15 @@ def render_block(data: dict[str, Any]) -> str:
         src = "`experiments/bench/lsq_reference.py`"
         lines += ["", f"P1 reference: the hand-written single-bit LSQ ({src}) step costs {refs} of the FP32 step."]
     lines += _brevitas_line(data["results"])
+    warm = [
+        f"{e['details']['model']} kernel={e['details']['kernel']} {fmt(e['details']['warm_step_ratio'])}x"
+        for k, e in data["results"].items()
+        if k.startswith("P8_") and "warm_step_ratio" in e["details"] and not e.get("quick")
+    ]
+    if warm:
+        lines += ["", "P8 without one-off costs (a two-image training step before the measured ones, so the compiled "
+                  "kernel's backward graphs are not compiled inside them; same number of fresh processes): "
+                  + "; ".join(warm) + "."]  # fmt: skip
     if "P1_kernels" in data.get("explorations", {}):
         lines += _kernels_table(data["explorations"]["P1_kernels"])
     p7 = data["results"].get("P7_frozen_resnet18", {}).get("details")
