@@ -34,7 +34,8 @@ _HOW = {
     "P5": "time to 5% rel. SE on every layer, extrapolated from measured per-sample time and variance",
     "P6": "`pareto_front_dp` wall-clock, median",
     "P7": "serving latency vs FP32 eager, same batch, 1 thread; frozen PyTorch and ONNX Runtime (`export_onnx`)",
-    "P8": "peak extra memory of one training step (fresh process each; CPU peak RSS, CUDA max_memory_allocated)",
+    "P8": "peak extra memory of one training step (fresh process each; CPU: peak RSS with a fixed glibc mmap "
+    "threshold; CUDA: max_memory_allocated)",
     "P9": "one FQT training step (quantized gY, simulated in float) vs the QAT step of the same w4a4 model",
 }
 
@@ -87,10 +88,11 @@ def _kernels_table(kernels: dict[str, Any]) -> list[str]:
         "",
         "P1 follow-up, the library's fake-quant back-ends (`quant.prepare.kernel`, `lightning_dbq.set_kernel`; no "
         "target; `experiments/bench/p1_kernels.py`): step time / FP32 step, same run. `eager` = composite "
-        "reference functions, `fused` = one `autograd.Function` per quantizer (default), `compile` = the composite "
-        "functions under `torch.compile(dynamic=True)`.",
+        "reference functions, `fused` = one `autograd.Function` per quantizer (the fallback of the default `auto`), "
+        "`compile` = the composite functions under `torch.compile(dynamic=True)` (what `auto` picks where it "
+        "compiles). An earlier run than P1's rows (kernel fixes since: see P1 and docs/performance.md).",
         "",
-        "| model | batch | eager | fused (default) | compile | LSQ reference | compile warm-up (4 bits) |",
+        "| model | batch | eager | fused | compile | LSQ reference | compile warm-up (4 bits) |",
         "|---|---|---|---|---|---|---|",
     ]
     micro = kernels.get("kernels_ms")
