@@ -178,7 +178,7 @@ def render_block(data: dict[str, Any]) -> str:
     """The markdown table of ``bench.json`` (between the markers)."""
     lines = [
         README_START,
-        "Re-run: `make bench` (full; P1 and P8 alone take ~25 min) or "
+        "Re-run: `make bench` (full; P1 and P8 alone take ~27 min: 14 + 13) or "
         "`uv run python -m experiments.bench.run_all --only P3,P4`; "
         f"`--quick` is a smoke run that writes nothing. Results: `experiments/results/bench.json`; scripts: "
         f"`experiments/bench/`. {data['device']}, torch {data['torch']}, {data['threads']} thread; ratios are "
