@@ -181,7 +181,8 @@ def bench_processes(key: str, name: str, batch: int, warmup: int, repeats: int, 
     if brevitas:
         bv = [r["details"]["brevitas_over_fp32"] for r in found]
         details["brevitas_over_fp32"] = None if None in bv else median(bv)
-        details.update({k: first[k] for k in ("brevitas_missing",) if k in first})
+        if "brevitas_missing" in first:
+            details["brevitas_missing"] = first["brevitas_missing"]
     ratio = median(ratios)
     why = [r["details"]["why"] for r in found if "why" in r["details"]]
     if ratio > float(TARGET.split()[1]) and why:

@@ -77,33 +77,35 @@ def check_kernel(kernel: str) -> str:
     return kernel
 
 
+def _flat(x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """``x`` as ``(numel,)`` with a scalar scale, or as ``(C, numel / C)`` with the per-channel scale as ``(C, 1)``."""
+    if scale.numel() == 1:
+        return x.reshape(-1), scale
+    return x.reshape(x.shape[0], -1), scale.reshape(-1, 1)
+
+
 def _flattened(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Call ``fn(x, scale, ...)`` on ``x`` flattened to ``(numel,)`` (scalar scale) or ``(C, numel / C)`` (per-channel
-    scale), so one dynamic-shape graph serves every layer, parameters included. Without grad mode the inputs go in
-    detached: dynamo guards on ``requires_grad``, and this way one inference graph serves a parameter, an
-    activation and :mod:`~lightning_dbq.quant.recompute`'s forward alike (same values)."""
+    """Call ``fn(x, scale, ...)`` on ``x`` and ``scale`` flattened by :func:`_flat`, so one dynamic-shape graph serves
+    every layer, parameters included. Without grad mode the inputs go in detached: dynamo guards on
+    ``requires_grad``, and this way one inference graph serves a parameter, an activation and
+    :mod:`~lightning_dbq.quant.recompute`'s forward alike (same values)."""
 
     def call(x: Tensor, scale: Tensor, *args: object) -> Tensor:
         if not torch.is_grad_enabled():
             x, scale = x.detach(), scale.detach()
-        if scale.numel() == 1:
-            return fn(x.reshape(-1), scale, *args).view_as(x)
-        return fn(x.reshape(x.shape[0], -1), scale.reshape(-1, 1), *args).view_as(x)
+        return fn(*_flat(x, scale), *args).view_as(x)
 
     return call
 
 
 def _flattened_grads(fn: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., tuple[Tensor, Tensor]]:
     """Call ``fn(grad, x, scale, ...)`` (:func:`~lightning_dbq.quant.functional.lsq_grads` or
-    :func:`~lightning_dbq.quant.functional.double_round_grads`) on ``grad`` and ``x`` flattened as :func:`_flattened`
-    does, and return the gradients in the shapes of ``x`` and ``scale``."""
+    :func:`~lightning_dbq.quant.functional.double_round_grads`) on ``grad``, ``x`` and ``scale`` flattened by
+    :func:`_flat`, and return the gradients in the shapes of ``x`` and ``scale``."""
 
     def call(grad: Tensor, x: Tensor, scale: Tensor, *args: object) -> tuple[Tensor, Tensor]:
-        if scale.numel() == 1:
-            gx, gs = fn(grad.reshape(-1), x.reshape(-1), scale, *args)
-        else:
-            rows = x.shape[0]
-            gx, gs = fn(grad.reshape(rows, -1), x.reshape(rows, -1), scale.reshape(-1, 1), *args)
+        flat_x, flat_s = _flat(x, scale)
+        gx, gs = fn(grad.reshape(flat_x.shape), flat_x, flat_s, *args)
         return gx.view_as(x), gs.reshape(scale.shape)
 
     return call
